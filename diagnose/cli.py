@@ -1,0 +1,246 @@
+"""The ``diagnose`` command line: parse, call the library, render.
+
+Exit status: 0 the command ran (whatever the verdict), 1 a gate or ``--fail-on`` condition failed,
+2 bad input or usage, with a one-line reason on stderr.
+
+Heavy libraries (torch, faiss, umap, scikit-learn) are imported inside the commands that need them so
+that ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import click
+
+EXIT_FAILED_CHECK = 1
+EXIT_BAD_INPUT = 2
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _stdout_console(json_target: str | None):
+    """Tables go to stdout, unless the JSON document goes there."""
+    from rich.console import Console
+
+    return Console(stderr=json_target == "-")
+
+
+def handle_input_errors(command):
+    """Turn input errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from diagnose.io import InputError
+
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except (OSError, MemoryError) as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+def show_warnings(command):
+    """Print library warnings as one 'warning:' line each on stderr, without source locations."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return command(*args, **kwargs)
+            finally:
+                seen = set()
+                for warning in caught:
+                    text = str(warning.message)
+                    if text not in seen and not issubclass(warning.category, DeprecationWarning):
+                        seen.add(text)
+                        click.echo(f"warning: {text}", err=True)
+
+    return wrapper
+
+
+def write_json(document: dict, target: str) -> None:
+    """Write ``document`` to ``target`` (``-`` is stdout) atomically: temporary file, then rename."""
+    text = json.dumps(_finite_or_null(document), indent=2, allow_nan=False) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    destination = Path(target)
+    if destination.is_dir():
+        raise click.BadParameter(f"{target} is a directory", param_hint="--json")
+    directory = destination.parent if str(destination.parent) else Path(".")
+    if not directory.is_dir():
+        raise click.BadParameter(f"folder {directory} does not exist", param_hint="--json")
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{destination.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _finite_or_null(value):
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="collapse-toolkit")
+def main():
+    """Measure representation collapse, retrieval and loss-signal sparsity of embedding runs.
+
+    PATH arguments accept a run directory written by `trainer fit`, a checkpoint (checkpoints/*.pt), or an
+    embedding file (.safetensors, .npz, .npy, .pt tensors, a Zarr store). Exit status: 0 ran, 1 a check
+    failed, 2 bad input.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# collapse
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "json_target", metavar="FILE", help="Write the collapse/1 JSON document to FILE ('-' = stdout).")
+@click.option("--modality", "modalities", multiple=True, metavar="NAME",
+              help="Modality to measure (repeatable); default: every matrix in the file (fused, vision, text).")
+@click.option("--last-only", is_flag=True, help="For a run directory, measure only the last epoch.")
+@click.option("--data", "data_manifest", type=click.Path(path_type=Path), metavar="MANIFEST",
+              help="For a checkpoint without its embedding file: dataset manifest CSV to re-embed.")
+@click.option("--min-rank-ratio", default=0.1, show_default=True, type=float,
+              help="dimensional_collapse below this effective_rank / min(N, D).")
+@click.option("--complete-std-ratio", default=0.1, show_default=True, type=float,
+              help="complete_collapse below this std_l2 * sqrt(D).")
+@click.option("--complete-mean-cosine", default=0.95, show_default=True, type=float,
+              help="complete_collapse above this mean pairwise cosine.")
+@click.option("--group-intra-cosine", default=0.9, show_default=True, type=float,
+              help="group_collapse above this mean cosine between panels of one page.")
+@click.option("--fail-on", type=click.Choice(["collapse", "never"]), default="never", show_default=True,
+              help="'collapse': exit 1 when the verdict is not healthy.")
+@click.option("--chunk-rows", default=32_768, show_default=True, type=click.IntRange(min=1),
+              help="Rows read per chunk; memory is O(chunk x D + D^2).")
+@handle_input_errors
+@show_warnings
+def collapse(path, json_target, modalities, last_only, data_manifest, min_rank_ratio, complete_std_ratio,
+             complete_mean_cosine, group_intra_cosine, fail_on, chunk_rows):
+    """Measure representation collapse of PATH: effective rank (RankMe), covariance spectrum, per-dimension
+    spread (std_l2), pairwise cosines, uniformity, intra/inter-page cosine and the vision-text gap.
+
+    Verdicts, checked in order: complete_collapse (std_l2 ratio or mean cosine past its bound),
+    dimensional_collapse (effective rank ratio below its bound), group_collapse (panels of one page merge),
+    else healthy. The verdict of the fused embedding is the overall verdict. A run directory is measured
+    epoch by epoch, and the first collapsed epoch is reported.
+    """
+    from diagnose.collapse import VerdictThresholds
+    from diagnose.documents import collapse_document
+    from diagnose.io import CheckpointWithoutEmbeddings
+
+    thresholds = VerdictThresholds(
+        complete_std_ratio=complete_std_ratio,
+        complete_mean_cosine=complete_mean_cosine,
+        min_rank_ratio=min_rank_ratio,
+        group_intra_cosine=group_intra_cosine,
+    )
+    console = _stdout_console(json_target)
+    try:
+        with _row_progress(path) as on_rows:
+            document = collapse_document(
+                path, modalities=list(modalities) or None, thresholds=thresholds, all_epochs=not last_only,
+                chunk_rows=chunk_rows, on_rows=on_rows,
+            )
+    except CheckpointWithoutEmbeddings as missing:
+        document = _checkpoint_without_embeddings(missing, data_manifest, thresholds, modalities, console)
+
+    from diagnose.render import render_collapse
+
+    render_collapse(document, console)
+    if json_target:
+        write_json(document, json_target)
+    if fail_on == "collapse" and document.get("verdict") not in (None, "healthy"):
+        sys.exit(EXIT_FAILED_CHECK)
+
+
+def _checkpoint_without_embeddings(missing, data_manifest, thresholds, modalities, console) -> dict:
+    from diagnose.documents import COLLAPSE_SCHEMA, measure_collapse, weight_diagnostics
+
+    if data_manifest is not None:
+        from diagnose.reembed import embed_checkpoint
+
+        embedding_set = embed_checkpoint(missing.path, data_manifest)
+        measured = measure_collapse(embedding_set, modalities=list(modalities) or None, thresholds=thresholds)
+        return {"schema": COLLAPSE_SCHEMA, "source": str(missing.path), **measured,
+                "epoch": embedding_set.epoch, "epochs": None}
+    click.echo(
+        f"note: {missing.path} has no embedding file next to it; showing weight-space diagnostics only. "
+        "Pass --data MANIFEST to re-embed a dataset with this checkpoint.",
+        err=True,
+    )
+    return {"schema": COLLAPSE_SCHEMA, "source": str(missing.path), "modalities": {}, "pairs": {},
+            "verdict": None, "epochs": None, "weights": weight_diagnostics(missing.checkpoint)}
+
+
+class _row_progress:
+    """A rich progress bar over rows, shown only when the input is large enough to take a while."""
+
+    MIN_BYTES = 256 * 1024 * 1024
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.progress = None
+
+    def __enter__(self):
+        size = _input_size(self.path)
+        if size < self.MIN_BYTES:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("reading rows"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} rows/s"),
+            TimeRemainingColumn(), console=_stderr_console(), transient=True,
+        )
+        self.progress.start()
+        task = self.progress.add_task("rows", total=None)
+        return lambda rows: self.progress.advance(task, rows)
+
+    def __exit__(self, *exc_info):
+        if self.progress is not None:
+            self.progress.stop()
+        return False
+
+
+def _input_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Collapse metrics of one embedding matrix, computed in one streaming pass.
+
+Notation: Z is the [N, D] embedding matrix and Ẑ is Z with every row L2-normalised.
+
+Exact statistics accumulate in float64 over row chunks, so memory is O(chunk x D + D^2) whatever N is:
+
+- the uncentred second moment Z^T Z and the column sums of Z (for RankMe, the covariance spectrum and
+  the per-dimension standard deviation),
+- column sums and sums of squares of Ẑ (std_l2, the exact mean cosine),
+- per-page sums of Ẑ (exact intra-page and inter-page mean cosines),
+- a seeded reservoir sample of at most ``sample_rows`` rows of Ẑ for the sampled metrics (cosine spread
+  and quantiles, uniformity).
+
+Metric definitions:
+
+- ``effective_rank``: RankMe (Garrido et al., "RankMe: Assessing the downstream performance of pretrained
+  self-supervised representations by their rank", ICML 2023). Singular values s of the uncentred Z,
+  p = s / sum(s) + 1e-7, exp(-sum p log p). The singular values are the square roots of the eigenvalues of
+  Z^T Z (the top min(N, D) of them). ``effective_rank_ratio`` = effective_rank / min(N, D).
+- ``effective_rank_cov``: the same entropy over the eigenvalues of the centred covariance,
+  p = λ / sum(λ) + 1e-7. Some monitoring libraries report this value under the name "RankMe"; on
+  mean-shifted or anisotropic data it differs from the paper's value by more than 2x, hence both.
+- ``participation_ratio``: (sum λ)^2 / sum λ^2 over the centred covariance eigenvalues.
+- ``rank_99``: number of leading covariance components that explain 99% of the variance.
+- ``dead_dims``: dimensions of Z whose standard deviation is below 1e-6 times the largest one (or exactly 0).
+- ``std_l2``: mean over dimensions of the population standard deviation of Ẑ (the collapse monitor of
+  SimSiam, Chen and He 2021); ``std_l2_ratio`` = std_l2 * sqrt(D), about 1 for vectors spread uniformly on
+  the sphere and 0 for complete collapse.
+- ``cosine``: distribution of Ẑ_i · Ẑ_j over pairs i != j. The mean is exact,
+  (||sum Ẑ||^2 - N) / (N (N - 1)). Standard deviation and quantiles come from a seeded sample of pairs
+  (``pairs_sampled`` tells its size; all pairs are used when the reservoir holds every row and there are
+  at most ``max_pairs`` of them).
+- ``uniformity``: log of the mean over i != j of exp(-2 ||Ẑ_i - Ẑ_j||^2) (Wang and Isola, ICML 2020), over
+  the reservoir sample (at most 10,000 rows by default).
+- ``groups``: mean cosine of distinct pairs within one page (``intra_cosine``) and across pages
+  (``inter_cosine``), exact from per-page sums: sum over pages of (||S_p||^2 - n_p) divided by the number of
+  ordered intra-page pairs, and the rest of the pairs for inter. ``null`` without page labels or when no
+  page has two panels.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+ENTROPY_EPSILON = 1e-7
+VERDICT_ORDER = ("healthy", "group_collapse", "dimensional_collapse", "complete_collapse")
+
+
+@dataclass(frozen=True)
+class VerdictThresholds:
+    """Thresholds of the collapse verdicts, checked in the order of this class's fields.
+
+    - complete_collapse: ``std_l2_ratio`` below ``complete_std_ratio`` or the mean cosine above
+      ``complete_mean_cosine`` (every vector points the same way).
+    - dimensional_collapse: ``effective_rank_ratio`` below ``min_rank_ratio`` (the vectors vary, but in
+      a few directions only).
+    - group_collapse: intra-page mean cosine above ``group_intra_cosine`` (panels of one page merge
+      into one point although they show different things).
+    """
+
+    complete_std_ratio: float = 0.1
+    complete_mean_cosine: float = 0.95
+    min_rank_ratio: float = 0.1
+    group_intra_cosine: float = 0.9
+
+
+class CollapseAccumulator:
+    """Accumulate the statistics of one [N, D] matrix chunk by chunk; :meth:`result` gives the metrics."""
+
+    def __init__(
+        self, dim: int, *, sample_rows: int = 10_000, seed: int = 0, page_last_row: dict[int, int] | None = None
+    ):
+        """``page_last_row`` maps each page to the index of its last row; with it, finished pages are
+        closed as the stream passes them. Without it every page sum stays in memory until :meth:`result`."""
+        self.dim = dim
+        self.page_last_row = page_last_row
+        self.n = 0
+        self.gram = np.zeros((dim, dim), dtype=np.float64)
+        self.col_sum = np.zeros(dim, dtype=np.float64)
+        self.hat_sum = np.zeros(dim, dtype=np.float64)
+        self.hat_sq_sum = np.zeros(dim, dtype=np.float64)
+        self.sample_rows = sample_rows
+        self.rng = np.random.default_rng(seed)
+        self.sample = np.empty((0, dim), dtype=np.float64)
+        self.sample_seen = 0
+        self.page_pairs = 0  # ordered intra-page pairs: sum n_p (n_p - 1)
+        self.page_dot = 0.0  # sum over pages of ||S_p||^2 - n_p
+        self.has_pages = False
+        self._open_pages: dict[int, tuple[np.ndarray, int]] = {}
+
+    def update(self, rows: np.ndarray, pages: np.ndarray | None = None) -> None:
+        """Add a block of rows (any float dtype) and, optionally, their page indices."""
+        block = np.asarray(rows, dtype=np.float64)
+        self.gram += block.T @ block
+        self.col_sum += block.sum(axis=0)
+
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        normalised = block / np.where(norms > 0, norms, 1.0)
+        self.hat_sum += normalised.sum(axis=0)
+        self.hat_sq_sum += np.square(normalised).sum(axis=0)
+        self._update_sample(normalised)
+        self.n += block.shape[0]
+        if pages is not None:
+            self.has_pages = True
+            self._update_pages(normalised, np.asarray(pages))
+
+    def _update_sample(self, normalised: np.ndarray) -> None:
+        """Reservoir sampling (Algorithm R, vectorised per block) of rows of Ẑ."""
+        count = normalised.shape[0]
+        free = max(0, self.sample_rows - self.sample.shape[0])
+        if free:
+            taken = normalised[:free]
+            self.sample = np.concatenate([self.sample, taken])
+            self.sample_seen += taken.shape[0]
+            normalised = normalised[free:]
+            count = normalised.shape[0]
+        if count == 0:
+            return
+        positions = self.sample_seen + np.arange(1, count + 1)
+        slots = (self.rng.random(count) * positions).astype(np.int64)
+        keep = slots < self.sample_rows
+        # Later rows of the block overwrite earlier ones that drew the same slot, as in sequential order.
+        self.sample[slots[keep]] = normalised[keep]
+        self.sample_seen += count
+
+    def _update_pages(self, normalised: np.ndarray, pages: np.ndarray) -> None:
+        unique, inverse = np.unique(pages, return_inverse=True)
+        sums = np.zeros((len(unique), self.dim), dtype=np.float64)
+        np.add.at(sums, inverse, normalised)
+        counts = np.bincount(inverse, minlength=len(unique))
+        for page, page_sum, page_count in zip(unique.tolist(), sums, counts.tolist()):
+            if page in self._open_pages:
+                previous_sum, previous_count = self._open_pages[page]
+                self._open_pages[page] = (previous_sum + page_sum, previous_count + page_count)
+            else:
+                self._open_pages[page] = (page_sum, page_count)
+        # A page whose last row has been seen is reduced to two numbers, so memory stays O(open pages x D).
+        if self.page_last_row is not None:
+            for page in unique.tolist():
+                if self.page_last_row[page] < self.n:
+                    self._close_page(page)
+
+    def _close_page(self, page: int) -> None:
+        page_sum, page_count = self._open_pages.pop(page)
+        self.page_dot += float(page_sum @ page_sum) - page_count
+        self.page_pairs += page_count * (page_count - 1)
+
+    def result(self, thresholds: VerdictThresholds = VerdictThresholds(), max_pairs: int = 2_000_000) -> dict:
+        """Compute every collapse metric from the accumulated statistics."""
+        for page in list(self._open_pages):
+            self._close_page(page)
+        n, dim = self.n, self.dim
+        if n < 2:
+            raise ValueError(f"collapse metrics need at least 2 rows, got {n}")
+        if dim == 1:
+            warnings.warn("embeddings have one dimension: rank and spread metrics are trivial", stacklevel=2)
+
+        mean = self.col_sum / n
+        covariance = (self.gram - n * np.outer(mean, mean)) / (n - 1)
+        covariance_eigen = np.clip(np.linalg.eigvalsh(covariance)[::-1], 0.0, None)
+        gram_eigen = np.clip(np.linalg.eigvalsh(self.gram)[::-1], 0.0, None)
+        keep = min(n, dim)
+        singular_values = np.sqrt(gram_eigen[:keep])
+        effective_rank = entropy_rank(singular_values)
+
+        total_variance = float(covariance_eigen.sum())
+        if total_variance > 0:
+            participation_ratio = total_variance**2 / float(np.square(covariance_eigen).sum())
+            explained = np.cumsum(covariance_eigen) / total_variance
+            rank_99 = int(np.searchsorted(explained, 0.99 - 1e-12) + 1)
+            effective_rank_cov = entropy_rank(covariance_eigen[:keep])
+        else:
+            participation_ratio, rank_99, effective_rank_cov = 0.0, 0, 0.0
+
+        dim_std = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+        dead_dims = int(np.sum(dim_std <= 1e-6 * max(float(dim_std.max()), 0.0)))
+
+        hat_mean = self.hat_sum / n
+        hat_std = np.sqrt(np.clip(self.hat_sq_sum / n - hat_mean**2, 0.0, None))
+        std_l2 = float(hat_std.mean())
+        cosine = self._cosine_summary(max_pairs)
+        cosine["mean"] = float((self.hat_sum @ self.hat_sum - n) / (n * (n - 1)))
+
+        metrics = {
+            "n": n,
+            "dim": dim,
+            "effective_rank": effective_rank,
+            "effective_rank_ratio": effective_rank / keep,
+            "effective_rank_cov": effective_rank_cov,
+            "participation_ratio": participation_ratio,
+            "rank_99": rank_99,
+            "dead_dims": dead_dims,
+            "std_l2": std_l2,
+            "std_l2_ratio": std_l2 * math.sqrt(dim),
+            "cosine": cosine,
+            "uniformity": uniformity(self.sample),
+            "uniformity_rows": int(self.sample.shape[0]),
+            "groups": self._group_summary(n),
+            "singular_values": singular_values.tolist(),
+        }
+        metrics["verdict"] = verdict(metrics, thresholds)
+        return metrics
+
+    def _cosine_summary(self, max_pairs: int) -> dict:
+        sample = self.sample
+        rows = sample.shape[0]
+        seed_rng = np.random.default_rng(self.rng.integers(2**63))
+        if rows * (rows - 1) // 2 <= max_pairs:
+            first, second = np.triu_indices(rows, k=1)
+        else:
+            first = seed_rng.integers(0, rows, size=max_pairs)
+            second = (first + seed_rng.integers(1, rows, size=max_pairs)) % rows  # never equal to first
+        values = np.empty(len(first), dtype=np.float64)
+        for start in range(0, len(first), 65_536):  # bounded memory: 65,536 pairs of rows at a time
+            stop = start + 65_536
+            values[start:stop] = np.einsum("ij,ij->i", sample[first[start:stop]], sample[second[start:stop]])
+        quantiles = np.quantile(values, [0.05, 0.5, 0.95]) if len(values) else [math.nan] * 3
+        return {
+            "std": float(values.std()) if len(values) else math.nan,
+            "p05": float(quantiles[0]),
+            "p50": float(quantiles[1]),
+            "p95": float(quantiles[2]),
+            "pairs_sampled": int(len(values)),
+        }
+
+    def _group_summary(self, n: int) -> dict | None:
+        if not self.has_pages or self.page_pairs == 0:
+            return None
+        all_pairs = n * (n - 1)
+        all_dot = float(self.hat_sum @ self.hat_sum) - n
+        inter_pairs = all_pairs - self.page_pairs
+        return {
+            "intra_cosine": self.page_dot / self.page_pairs,
+            "inter_cosine": (all_dot - self.page_dot) / inter_pairs if inter_pairs else None,
+            "intra_pairs": int(self.page_pairs),
+        }
+
+
+def entropy_rank(values: np.ndarray) -> float:
+    """Exponential of the Shannon entropy of ``values / sum(values) + 1e-7`` (0 when all values are 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    total = values.sum()
+    if total <= 0:
+        return 0.0
+    p = values / total + ENTROPY_EPSILON
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def uniformity(normalised: np.ndarray, block: int = 2048) -> float:
+    """log mean_{i != j} exp(-2 ||x_i - x_j||^2) for unit rows, computed blockwise in float64."""
+    rows = normalised.shape[0]
+    if rows < 2:
+        return math.nan
+    # ||x_i - x_j||^2 = 2 - 2 cos, so each term is exp(4 cos - 4); log-sum-exp keeps it stable.
+    running_max = -math.inf
+    running_sum = 0.0
+    for start in range(0, rows, block):
+        cosines = normalised[start: start + block] @ normalised.T
+        exponents = 4.0 * cosines - 4.0
+        diagonal = np.arange(cosines.shape[0])
+        exponents[diagonal, start + diagonal] = -np.inf
+        block_max = float(exponents.max())
+        if block_max > running_max:
+            running_sum *= math.exp(running_max - block_max) if running_max > -math.inf else 0.0
+            running_max = block_max
+        running_sum += float(np.exp(exponents - running_max).sum())
+    return running_max + math.log(running_sum) - math.log(rows * (rows - 1))
+
+
+def verdict(metrics: dict, thresholds: VerdictThresholds = VerdictThresholds()) -> str:
+    """Classify one modality's metrics as complete, dimensional or group collapse, or healthy."""
+    if (metrics["std_l2_ratio"] < thresholds.complete_std_ratio
+            or metrics["cosine"]["mean"] > thresholds.complete_mean_cosine):
+        return "complete_collapse"
+    if metrics["effective_rank_ratio"] < thresholds.min_rank_ratio:
+        return "dimensional_collapse"
+    groups = metrics.get("groups")
+    if groups and groups["intra_cosine"] > thresholds.group_intra_cosine:
+        return "group_collapse"
+    return "healthy"
+
+
+def worst_verdict(verdicts: list[str]) -> str:
+    """Return the most severe of several verdicts."""
+    return max(verdicts, key=VERDICT_ORDER.index) if verdicts else "healthy"
+
+
+def collapse_metrics(
+    embeddings: np.ndarray,
+    pages: np.ndarray | None = None,
+    *,
+    thresholds: VerdictThresholds = VerdictThresholds(),
+    sample_rows: int = 10_000,
+    seed: int = 0,
+    chunk_rows: int = 65_536,
+) -> dict:
+    """Collapse metrics of an in-memory [N, D] matrix (see the module docstring for definitions).
+
+    Raises ``ValueError`` for fewer than 2 rows, a non-2-D input or non-finite values.
+    """
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D [N, D] matrix, got shape {embeddings.shape}")
+    if not np.isfinite(embeddings).all():
+        bad = int((~np.isfinite(embeddings)).any(axis=1).sum())
+        raise ValueError(f"embeddings hold {bad} row(s) with NaN or infinite values")
+    page_last_row = None if pages is None else last_row_of_each_page(pages)
+    accumulator = CollapseAccumulator(
+        embeddings.shape[1], sample_rows=sample_rows, seed=seed, page_last_row=page_last_row
+    )
+    for start in range(0, embeddings.shape[0], chunk_rows):
+        stop = start + chunk_rows
+        accumulator.update(embeddings[start:stop], None if pages is None else pages[start:stop])
+    return accumulator.result(thresholds)
+
+
+def last_row_of_each_page(pages: np.ndarray) -> dict[int, int]:
+    """Map every page index to the index of its last row."""
+    pages = np.asarray(pages)
+    reversed_unique, reversed_first = np.unique(pages[::-1], return_index=True)
+    return dict(zip(reversed_unique.tolist(), (len(pages) - 1 - reversed_first).tolist()))
+
+
+def pair_metrics(vision: np.ndarray, text: np.ndarray) -> dict:
+    """Modality gap and alignment of row-paired vision and text embeddings.
+
+    ``modality_gap`` = ||mean(Ẑ_vision) - mean(Ẑ_text)|| (Liang et al., "Mind the Gap", NeurIPS 2022);
+    ``alignment`` = mean ||Ẑ_vision_i - Ẑ_text_i||^2 (Wang and Isola 2020). Rows must already be
+    restricted to panels that have both modalities.
+    """
+    vision_hat = _normalise(vision)
+    text_hat = _normalise(text)
+    return {
+        "modality_gap": float(np.linalg.norm(vision_hat.mean(axis=0) - text_hat.mean(axis=0))),
+        "alignment": float(np.square(vision_hat - text_hat).sum(axis=1).mean()),
+        "n": int(vision.shape[0]),
+    }
+
+
+class PairAccumulator:
+    """Streaming form of :func:`pair_metrics` over row chunks."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.vision_sum = np.zeros(dim, dtype=np.float64)
+        self.text_sum = np.zeros(dim, dtype=np.float64)
+        self.squared_distance = 0.0
+
+    def update(self, vision: np.ndarray, text: np.ndarray) -> None:
+        vision_hat = _normalise(vision)
+        text_hat = _normalise(text)
+        self.n += vision_hat.shape[0]
+        self.vision_sum += vision_hat.sum(axis=0)
+        self.text_sum += text_hat.sum(axis=0)
+        self.squared_distance += float(np.square(vision_hat - text_hat).sum())
+
+    def result(self) -> dict | None:
+        if self.n == 0:
+            return None
+        return {
+            "modality_gap": float(np.linalg.norm((self.vision_sum - self.text_sum) / self.n)),
+            "alignment": self.squared_distance / self.n,
+            "n": self.n,
+        }
+
+
+def _normalise(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
+def thresholds_dict(thresholds: VerdictThresholds) -> dict:
+    return asdict(thresholds)

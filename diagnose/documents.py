@@ -1,0 +1,249 @@
+"""Build the JSON documents of the commands (``collapse/1`` and friends) from input paths.
+
+This module joins the readers of :mod:`diagnose.io` to the metric functions: it streams every modality of
+an embedding set through the accumulators in chunks, checks rows for NaN and infinite values on the way,
+and assembles the documents whose keys are the public contract.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from diagnose.collapse import (
+    CollapseAccumulator,
+    PairAccumulator,
+    VerdictThresholds,
+    entropy_rank,
+    last_row_of_each_page,
+    worst_verdict,
+)
+from diagnose.io import (
+    ArraySource,
+    CheckpointWithoutEmbeddings,
+    EmbeddingSet,
+    InputError,
+    load_embeddings,
+    resolve_epochs,
+)
+
+COLLAPSE_SCHEMA = "collapse/1"
+DEFAULT_CHUNK_ROWS = 32_768
+
+# Called with the number of rows just processed, for progress display.
+RowsCallback = Callable[[int], None]
+
+
+def collapse_document(
+    path: str | Path,
+    *,
+    modalities: list[str] | None = None,
+    thresholds: VerdictThresholds = VerdictThresholds(),
+    all_epochs: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    seed: int = 0,
+    on_rows: RowsCallback | None = None,
+) -> dict:
+    """Return the ``collapse/1`` document of a run directory, checkpoint or embedding file.
+
+    For a run directory with ``all_epochs`` every epoch is measured and listed under ``epochs`` (with
+    ``first_collapsed_epoch``); the top-level ``modalities`` are those of the last epoch.
+    """
+    path = Path(path)
+    epochs = resolve_epochs(path)
+    is_run = path.is_dir() and len(epochs) and epochs[0][0] is not None and not _is_store(path)
+    if not (is_run and all_epochs):
+        epochs = epochs[-1:]
+
+    trajectory = []
+    for epoch, epoch_path in epochs:
+        embedding_set = load_embeddings(epoch_path, epoch=epoch)
+        measured = measure_collapse(
+            embedding_set, modalities=modalities, thresholds=thresholds, chunk_rows=chunk_rows, seed=seed,
+            on_rows=on_rows,
+        )
+        trajectory.append({"epoch": embedding_set.epoch, **measured})
+
+    last = trajectory[-1]
+    document = {
+        "schema": COLLAPSE_SCHEMA,
+        "source": str(path),
+        "modalities": last["modalities"],
+        "pairs": last["pairs"],
+        "verdict": last["verdict"],
+        "epoch": last["epoch"],
+        "thresholds": vars_of(thresholds),
+        "epochs": None,
+    }
+    if is_run and all_epochs:
+        document["epochs"] = [
+            {"epoch": entry["epoch"], "modalities": entry["modalities"], "pairs": entry["pairs"],
+             "verdict": entry["verdict"]}
+            for entry in trajectory
+        ]
+        collapsed = [entry["epoch"] for entry in trajectory if entry["verdict"] != "healthy"]
+        document["first_collapsed_epoch"] = collapsed[0] if collapsed else None
+    return document
+
+
+def measure_collapse(
+    embedding_set: EmbeddingSet,
+    *,
+    modalities: list[str] | None = None,
+    thresholds: VerdictThresholds = VerdictThresholds(),
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    seed: int = 0,
+    on_rows: RowsCallback | None = None,
+) -> dict:
+    """Measure every requested modality of one embedding set; return modalities, pairs and verdict."""
+    names = modalities or embedding_set.modalities
+    missing = [name for name in names if name not in embedding_set.sources]
+    if missing:
+        raise InputError(
+            f"{embedding_set.source}: no modality {missing[0]!r} (available: {', '.join(embedding_set.modalities)})"
+        )
+
+    results = {}
+    for name in names:
+        source = embedding_set.sources[name]
+        pages = embedding_set.pages_for(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results[name] = _stream_collapse(source, pages, thresholds, chunk_rows, seed, on_rows)
+        if pages is not None and results[name]["groups"] is None:
+            warnings.warn(
+                f"{embedding_set.source}: no page holds two rows of {name!r}; intra-page cosine is undefined",
+                stacklevel=2,
+            )
+
+    pairs = {}
+    pair = _stream_pair(embedding_set, chunk_rows)
+    if pair is not None:
+        pairs["vision-text"] = pair
+
+    if "fused" in results:
+        overall = results["fused"]["verdict"]
+    else:
+        overall = worst_verdict([result["verdict"] for result in results.values()])
+    return {"modalities": results, "pairs": pairs, "verdict": overall}
+
+
+def _stream_collapse(
+    source: ArraySource,
+    pages: np.ndarray | None,
+    thresholds: VerdictThresholds,
+    chunk_rows: int,
+    seed: int,
+    on_rows: RowsCallback | None,
+) -> dict:
+    accumulator = CollapseAccumulator(
+        source.dim, seed=seed, page_last_row=None if pages is None else last_row_of_each_page(pages)
+    )
+    for start, block in source.chunks(chunk_rows):
+        _check_finite(source, start, block)
+        accumulator.update(block, None if pages is None else pages[start: start + block.shape[0]])
+        if on_rows is not None:
+            on_rows(block.shape[0])
+    return accumulator.result(thresholds)
+
+
+def _check_finite(source: ArraySource, start: int, block: np.ndarray) -> None:
+    finite_rows = np.isfinite(block).all(axis=1)
+    if not finite_rows.all():
+        first_bad = start + int(np.argmin(finite_rows))
+        count = int((~finite_rows).sum())
+        raise InputError(
+            f"{source.path}: array {source.name!r} has NaN or infinite values in row {first_bad}"
+            f"{f' and {count - 1} more row(s) of that chunk' if count > 1 else ''}"
+        )
+
+
+def _stream_pair(embedding_set: EmbeddingSet, chunk_rows: int) -> dict | None:
+    """Modality gap and alignment over panels that have both an image and a text embedding."""
+    if "vision" not in embedding_set.sources or "text" not in embedding_set.sources:
+        return None
+    vision = embedding_set.sources["vision"]
+    text = embedding_set.sources["text"]
+    if vision.dim != text.dim:
+        return None
+    accumulator = PairAccumulator(vision.dim)
+
+    if embedding_set.vision_item is None and embedding_set.text_item is None:
+        if vision.rows != text.rows:
+            raise InputError(
+                f"{embedding_set.source}: 'vision' has {vision.rows} rows and 'text' {text.rows}; "
+                "give vision_item and text_item to pair sets of different sizes"
+            )
+        has_text = embedding_set.has_text
+        for start in range(0, vision.rows, chunk_rows):
+            stop = min(start + chunk_rows, vision.rows)
+            vision_block = vision.read(start, stop)
+            text_block = text.read(start, stop)
+            if has_text is not None:
+                keep = has_text[start:stop]
+                vision_block, text_block = vision_block[keep], text_block[keep]
+            if len(vision_block):
+                accumulator.update(vision_block, text_block)
+    else:
+        # Several captions per image: pair every text row with the image row of the same item.
+        vision_items = embedding_set.items_for("vision")
+        text_items = embedding_set.items_for("text")
+        if vision_items is None or text_items is None:
+            raise InputError(f"{embedding_set.source}: needs both vision_item and text_item to pair the sets")
+        row_of_item = {item: row for row, item in enumerate(vision_items.tolist())}
+        vision_rows = np.array([row_of_item.get(item, -1) for item in text_items.tolist()], dtype=np.int64)
+        paired = vision_rows >= 0
+        vision_all = vision.read_all()
+        text_all = text.read_all()
+        if paired.any():
+            accumulator.update(vision_all[vision_rows[paired]], text_all[paired])
+    return accumulator.result()
+
+
+def weight_diagnostics(checkpoint: dict) -> dict:
+    """Effective rank of every 2-D weight matrix of a checkpoint's model (no embeddings needed).
+
+    A weight matrix whose effective rank is far below min(rows, cols) maps inputs into few directions;
+    it hints at, but does not prove, a collapsed representation.
+    """
+    state = checkpoint.get("model_state_dict") or {}
+    matrices = {}
+    for name, tensor in state.items():
+        if getattr(tensor, "ndim", 0) != 2:
+            continue
+        values = tensor.detach().double().cpu().numpy()
+        if not np.isfinite(values).all():
+            matrices[name] = {"shape": list(values.shape), "effective_rank": math.nan,
+                              "effective_rank_ratio": math.nan, "finite": False}
+            continue
+        singular_values = np.linalg.svd(values, compute_uv=False)
+        rank = entropy_rank(singular_values)
+        matrices[name] = {
+            "shape": list(values.shape),
+            "effective_rank": rank,
+            "effective_rank_ratio": rank / min(values.shape),
+            "top_singular_share": float(singular_values[0] / singular_values.sum()) if singular_values.sum() else 0.0,
+            "finite": True,
+        }
+    return {"epoch": checkpoint.get("epoch"), "matrices": matrices}
+
+
+def vars_of(thresholds: VerdictThresholds) -> dict:
+    return {name: getattr(thresholds, name) for name in thresholds.__dataclass_fields__}
+
+
+def _is_store(path: Path) -> bool:
+    return (path / ".zgroup").is_file() or (path / "zarr.json").is_file()
+
+
+__all__ = [
+    "COLLAPSE_SCHEMA",
+    "CheckpointWithoutEmbeddings",
+    "collapse_document",
+    "measure_collapse",
+    "weight_diagnostics",
+]
