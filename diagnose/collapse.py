@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ENTROPY_EPSILON = 1e-7
+PRODUCT_ROWS = 4096
 VERDICT_ORDER = ("healthy", "group_collapse", "dimensional_collapse", "complete_collapse")
 
 
@@ -72,10 +73,20 @@ class CollapseAccumulator:
     """Accumulate the statistics of one [N, D] matrix chunk by chunk; :meth:`result` gives the metrics."""
 
     def __init__(
-        self, dim: int, *, sample_rows: int = 10_000, seed: int = 0, page_last_row: dict[int, int] | None = None
+        self,
+        dim: int,
+        *,
+        sample_rows: int = 10_000,
+        seed: int = 0,
+        page_last_row: dict[int, int] | None = None,
+        precision: str = "auto",
     ):
         """``page_last_row`` maps each page to the index of its last row; with it, finished pages are
-        closed as the stream passes them. Without it every page sum stays in memory until :meth:`result`."""
+        closed as the stream passes them. Without it every page sum stays in memory until :meth:`result`.
+
+        ``precision`` "auto" multiplies float32 blocks in float32 (float64 input stays float64);
+        "float64" converts every block first.
+        """
         self.dim = dim
         self.page_last_row = page_last_row
         self.n = 0
@@ -86,52 +97,74 @@ class CollapseAccumulator:
         self.sample_rows = sample_rows
         self.rng = np.random.default_rng(seed)
         self.sample = np.empty((0, dim), dtype=np.float64)
+        self.precision = precision
+        self.gram_precision = "float32 blocks, float64 sum"
         self.sample_seen = 0
         self.page_pairs = 0  # ordered intra-page pairs: sum n_p (n_p - 1)
         self.page_dot = 0.0  # sum over pages of ||S_p||^2 - n_p
         self.has_pages = False
+        self.unit_rows = 0  # rows with a non-zero norm: each adds exactly 1 to sum ||Ẑ_i||^2
         self._open_pages: dict[int, tuple[np.ndarray, int]] = {}
 
     def update(self, rows: np.ndarray, pages: np.ndarray | None = None) -> None:
         """Add a block of rows (any float dtype) and, optionally, their page indices."""
-        block = np.asarray(rows, dtype=np.float64)
-        self.gram += block.T @ block
-        self.col_sum += block.sum(axis=0)
+        block = np.asarray(rows)
+        narrow = block.dtype.kind == "f" and block.dtype.itemsize <= 4 and self.precision == "auto"
+        block = block.astype(np.float32 if narrow else np.float64, copy=False)
+        if block.dtype == np.float64:
+            self.gram_precision = "float64"
+        pages = None if pages is None else np.asarray(pages)
+        for start in range(0, block.shape[0], PRODUCT_ROWS):
+            stop = start + PRODUCT_ROWS
+            self._update_block(block[start:stop], None if pages is None else pages[start:stop])
 
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        normalised = block / np.where(norms > 0, norms, 1.0)
-        self.hat_sum += normalised.sum(axis=0)
-        self.hat_sq_sum += np.square(normalised).sum(axis=0)
-        self._update_sample(normalised)
+    def _update_block(self, block: np.ndarray, pages: np.ndarray | None) -> None:
+        # Products run in the block's dtype over at most PRODUCT_ROWS rows and are summed in float64,
+        # so float32 rounding stays near sqrt(PRODUCT_ROWS) * 6e-8 relative (an estimate).
+        # needs_exact_gram() tells when the spectrum reaches down to that rounding.
+        self.gram += (block.T @ block).astype(np.float64)
+        self.col_sum += block.sum(axis=0, dtype=np.float64)
+
+        squares = block * block
+        norms = np.sqrt(squares.sum(axis=1, dtype=np.float64))
+        nonzero = norms > 0
+        inverse_norms = np.divide(1.0, norms, out=np.zeros_like(norms), where=nonzero).astype(block.dtype)
+        self.unit_rows += int(nonzero.sum())
+        # Sums of Ẑ and Ẑ² as matrix-vector products, without materialising Ẑ.
+        self.hat_sum += (block.T @ inverse_norms).astype(np.float64)
+        self.hat_sq_sum += (squares.T @ (inverse_norms * inverse_norms)).astype(np.float64)
+
+        self._update_sample(block, inverse_norms)
         self.n += block.shape[0]
         if pages is not None:
             self.has_pages = True
-            self._update_pages(normalised, np.asarray(pages))
+            self._update_pages(block * inverse_norms[:, None], pages)
 
-    def _update_sample(self, normalised: np.ndarray) -> None:
+    def _update_sample(self, block: np.ndarray, inverse_norms: np.ndarray) -> None:
         """Reservoir sampling (Algorithm R, vectorised per block) of rows of Ẑ."""
-        count = normalised.shape[0]
+        count = block.shape[0]
         free = max(0, self.sample_rows - self.sample.shape[0])
         if free:
-            taken = normalised[:free]
-            self.sample = np.concatenate([self.sample, taken])
+            taken = block[:free] * inverse_norms[:free, None]
+            self.sample = np.concatenate([self.sample, taken.astype(np.float64)])
             self.sample_seen += taken.shape[0]
-            normalised = normalised[free:]
-            count = normalised.shape[0]
+            block, inverse_norms = block[free:], inverse_norms[free:]
+            count = block.shape[0]
         if count == 0:
             return
         positions = self.sample_seen + np.arange(1, count + 1)
         slots = (self.rng.random(count) * positions).astype(np.int64)
-        keep = slots < self.sample_rows
+        keep = np.flatnonzero(slots < self.sample_rows)
         # Later rows of the block overwrite earlier ones that drew the same slot, as in sequential order.
-        self.sample[slots[keep]] = normalised[keep]
+        self.sample[slots[keep]] = (block[keep] * inverse_norms[keep, None]).astype(np.float64)
         self.sample_seen += count
 
     def _update_pages(self, normalised: np.ndarray, pages: np.ndarray) -> None:
         unique, inverse = np.unique(pages, return_inverse=True)
-        sums = np.zeros((len(unique), self.dim), dtype=np.float64)
-        np.add.at(sums, inverse, normalised)
+        order = np.argsort(inverse, kind="stable")
         counts = np.bincount(inverse, minlength=len(unique))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        sums = np.add.reduceat(normalised[order], starts, axis=0)
         for page, page_sum, page_count in zip(unique.tolist(), sums, counts.tolist()):
             if page in self._open_pages:
                 previous_sum, previous_count = self._open_pages[page]
@@ -143,6 +176,34 @@ class CollapseAccumulator:
             for page in unique.tolist():
                 if self.page_last_row[page] < self.n:
                     self._close_page(page)
+
+    def needs_exact_gram(self, relative_floor: float = 1e-3) -> bool:
+        """Whether the spectrum reaches down to where float32 block products lose accuracy.
+
+        Rounding of a float32 product over a block of B rows is about sqrt(B) * 6e-8 relative to the
+        largest eigenvalue (an estimate for BLAS's blocked summation), so eigenvalues below ``relative_floor``
+        times the largest one (or a covariance eigenvalue hidden under a large mean) are recomputed from
+        float64 products in a second pass, see :meth:`refine_gram`.
+        """
+        if self.gram_precision != "float32 blocks, float64 sum" or self.n < 2:
+            return False
+        keep = min(self.n, self.dim)
+        gram_eigen = np.linalg.eigvalsh(self.gram)[::-1]
+        if gram_eigen[0] <= 0:
+            return False
+        mean = self.col_sum / self.n
+        covariance_eigen = np.linalg.eigvalsh(self.gram - self.n * np.outer(mean, mean))[::-1]
+        smallest = min(gram_eigen[keep - 1], covariance_eigen[min(keep, self.n - 1) - 1])
+        return bool(smallest < relative_floor * gram_eigen[0])
+
+    def refine_gram(self, blocks) -> None:
+        """Recompute the second moment from float64 products over ``blocks`` (the same rows again)."""
+        gram = np.zeros_like(self.gram)
+        for block in blocks:
+            block = np.asarray(block, dtype=np.float64)
+            gram += block.T @ block
+        self.gram = gram
+        self.gram_precision = "float64 (second pass)"
 
     def _close_page(self, page: int) -> None:
         page_sum, page_count = self._open_pages.pop(page)
@@ -182,8 +243,10 @@ class CollapseAccumulator:
         hat_mean = self.hat_sum / n
         hat_std = np.sqrt(np.clip(self.hat_sq_sum / n - hat_mean**2, 0.0, None))
         std_l2 = float(hat_std.mean())
-        cosine = self._cosine_summary(max_pairs)
-        cosine["mean"] = float((self.hat_sum @ self.hat_sum - n) / (n * (n - 1)))
+        cosine, uniformity_value = self._cosine_summary(max_pairs)
+        cosine["mean"] = float((self.hat_sum @ self.hat_sum - self.unit_rows) / (n * (n - 1)))
+        if self.unit_rows < n:
+            warnings.warn(f"{n - self.unit_rows} row(s) are all zeros; their cosines count as 0", stacklevel=2)
 
         metrics = {
             "n": n,
@@ -197,41 +260,24 @@ class CollapseAccumulator:
             "std_l2": std_l2,
             "std_l2_ratio": std_l2 * math.sqrt(dim),
             "cosine": cosine,
-            "uniformity": uniformity(self.sample),
+            "uniformity": uniformity_value,
             "uniformity_rows": int(self.sample.shape[0]),
             "groups": self._group_summary(n),
             "singular_values": singular_values.tolist(),
+            "gram_precision": self.gram_precision,
         }
         metrics["verdict"] = verdict(metrics, thresholds)
         return metrics
 
-    def _cosine_summary(self, max_pairs: int) -> dict:
-        sample = self.sample
-        rows = sample.shape[0]
-        seed_rng = np.random.default_rng(self.rng.integers(2**63))
-        if rows * (rows - 1) // 2 <= max_pairs:
-            first, second = np.triu_indices(rows, k=1)
-        else:
-            first = seed_rng.integers(0, rows, size=max_pairs)
-            second = (first + seed_rng.integers(1, rows, size=max_pairs)) % rows  # never equal to first
-        values = np.empty(len(first), dtype=np.float64)
-        for start in range(0, len(first), 65_536):  # bounded memory: 65,536 pairs of rows at a time
-            stop = start + 65_536
-            values[start:stop] = np.einsum("ij,ij->i", sample[first[start:stop]], sample[second[start:stop]])
-        quantiles = np.quantile(values, [0.05, 0.5, 0.95]) if len(values) else [math.nan] * 3
-        return {
-            "std": float(values.std()) if len(values) else math.nan,
-            "p05": float(quantiles[0]),
-            "p50": float(quantiles[1]),
-            "p95": float(quantiles[2]),
-            "pairs_sampled": int(len(values)),
-        }
+    def _cosine_summary(self, max_pairs: int) -> tuple[dict, float]:
+        seed = int(self.rng.integers(2**63))
+        return sample_pair_statistics(self.sample, max_pairs=max_pairs, seed=seed)
 
     def _group_summary(self, n: int) -> dict | None:
         if not self.has_pages or self.page_pairs == 0:
             return None
         all_pairs = n * (n - 1)
-        all_dot = float(self.hat_sum @ self.hat_sum) - n
+        all_dot = float(self.hat_sum @ self.hat_sum) - self.unit_rows
         inter_pairs = all_pairs - self.page_pairs
         return {
             "intra_cosine": self.page_dot / self.page_pairs,
@@ -250,25 +296,59 @@ def entropy_rank(values: np.ndarray) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def uniformity(normalised: np.ndarray, block: int = 2048) -> float:
-    """log mean_{i != j} exp(-2 ||x_i - x_j||^2) for unit rows, computed blockwise in float64."""
+def sample_pair_statistics(
+    normalised: np.ndarray, *, max_pairs: int = 2_000_000, seed: int = 0, block: int = 1024
+) -> tuple[dict, float]:
+    """Cosine spread and uniformity over all pairs i != j of the unit rows ``normalised``, blockwise.
+
+    Returns ({"std", "p05", "p50", "p95", "pairs_sampled"}, uniformity). The standard deviation and the
+    uniformity use every pair; the quantiles use every pair when there are at most ``max_pairs``,
+    otherwise a seeded uniform sample of that many. Products run in float32 (cosines to about 1e-7),
+    sums in float64.
+    """
     rows = normalised.shape[0]
     if rows < 2:
-        return math.nan
-    # ||x_i - x_j||^2 = 2 - 2 cos, so each term is exp(4 cos - 4); log-sum-exp keeps it stable.
-    running_max = -math.inf
-    running_sum = 0.0
+        return {"std": math.nan, "p05": math.nan, "p50": math.nan, "p95": math.nan, "pairs_sampled": 0}, math.nan
+    total_pairs = rows * (rows - 1) // 2
+    keep_share = min(1.0, max_pairs / total_pairs)
+    rng = np.random.default_rng(seed)
+    vectors = np.ascontiguousarray(normalised, dtype=np.float32)
+
+    kept = []
+    cosine_sum = cosine_square_sum = 0.0
+    # uniformity = log mean exp(-2 ||x_i - x_j||^2) = log mean exp(4 cos - 4), accumulated as log-sum-exp.
+    running_max, running_sum = -math.inf, 0.0
     for start in range(0, rows, block):
-        cosines = normalised[start: start + block] @ normalised.T
-        exponents = 4.0 * cosines - 4.0
-        diagonal = np.arange(cosines.shape[0])
-        exponents[diagonal, start + diagonal] = -np.inf
-        block_max = float(exponents.max())
-        if block_max > running_max:
-            running_sum *= math.exp(running_max - block_max) if running_max > -math.inf else 0.0
-            running_max = block_max
-        running_sum += float(np.exp(exponents - running_max).sum())
-    return running_max + math.log(running_sum) - math.log(rows * (rows - 1))
+        stop = min(start + block, rows)
+        cosines = vectors[start:stop] @ vectors[start:].T
+        # Keep the strict upper triangle of this block row: pairs (i, j) with j > i.
+        upper = np.triu(np.ones(cosines.shape, dtype=bool), k=1)
+        values = cosines[upper].astype(np.float64)
+        cosine_sum += values.sum()
+        cosine_square_sum += np.dot(values, values)
+        exponents = 4.0 * values - 4.0
+        if len(values):
+            block_max = float(exponents.max())
+            if block_max > running_max:
+                running_sum = running_sum * math.exp(running_max - block_max) if running_sum else 0.0
+                running_max = block_max
+            running_sum += float(np.exp(exponents - running_max).sum())
+        if keep_share < 1.0:
+            values = values[rng.random(len(values)) < keep_share]
+        kept.append(values)
+
+    mean = cosine_sum / total_pairs
+    std = math.sqrt(max(cosine_square_sum / total_pairs - mean * mean, 0.0))
+    sampled = np.concatenate(kept)
+    quantiles = np.quantile(sampled, [0.05, 0.5, 0.95])
+    summary = {
+        "std": std,
+        "p05": float(quantiles[0]),
+        "p50": float(quantiles[1]),
+        "p95": float(quantiles[2]),
+        "pairs_sampled": int(len(sampled)),
+    }
+    return summary, running_max + math.log(running_sum) - math.log(total_pairs)
 
 
 def verdict(metrics: dict, thresholds: VerdictThresholds = VerdictThresholds()) -> str:
@@ -315,6 +395,8 @@ def collapse_metrics(
     for start in range(0, embeddings.shape[0], chunk_rows):
         stop = start + chunk_rows
         accumulator.update(embeddings[start:stop], None if pages is None else pages[start:stop])
+    if accumulator.needs_exact_gram():
+        accumulator.refine_gram(embeddings[start: start + chunk_rows] for start in range(0, len(embeddings), chunk_rows))
     return accumulator.result(thresholds)
 
 

@@ -148,6 +148,8 @@ def _stream_collapse(
         accumulator.update(block, None if pages is None else pages[start: start + block.shape[0]])
         if on_rows is not None:
             on_rows(block.shape[0])
+    if accumulator.needs_exact_gram():
+        accumulator.refine_gram(block for _, block in source.chunks(chunk_rows))
     return accumulator.result(thresholds)
 
 

@@ -39,8 +39,9 @@ def test_isotropic_gaussian_is_healthy():
     assert metrics["effective_rank"] > 0.97 * 48
     assert metrics["verdict"] == "healthy"
     assert metrics["std_l2_ratio"] == pytest.approx(1.0, abs=0.02)
-    assert metrics["std_l2"] == pytest.approx(normalised(z).std(axis=0).mean(), rel=1e-9)
-    assert metrics["cosine"]["mean"] == pytest.approx(all_pair_cosines(z).mean(), abs=1e-12)
+    # float32 input: products run in float32, so sums of normalised rows agree to about 1e-7.
+    assert metrics["std_l2"] == pytest.approx(normalised(z).std(axis=0).mean(), rel=1e-6)
+    assert metrics["cosine"]["mean"] == pytest.approx(all_pair_cosines(z).mean(), abs=1e-6)
 
     eigenvalues = reference_covariance_eigenvalues(z)
     assert metrics["participation_ratio"] == pytest.approx(eigenvalues.sum() ** 2 / (eigenvalues**2).sum(), rel=1e-9)
@@ -70,7 +71,7 @@ def test_near_constant_vectors_are_complete_collapse():
     z = (np.full((1000, 32), 0.7) + 1e-4 * rng.standard_normal((1000, 32))).astype(np.float32)
     metrics = collapse_metrics(z)
 
-    assert metrics["cosine"]["mean"] == pytest.approx(all_pair_cosines(z).mean(), abs=1e-9)
+    assert metrics["cosine"]["mean"] == pytest.approx(all_pair_cosines(z).mean(), abs=1e-6)
     assert metrics["cosine"]["mean"] > 0.999
     assert metrics["std_l2_ratio"] < 0.01
     assert metrics["verdict"] == "complete_collapse"
@@ -86,9 +87,12 @@ def test_tight_page_clusters_are_group_collapse():
     gram = normalised(z) @ normalised(z).T
     same_page = (pages[:, None] == pages[None, :]) & ~np.eye(600, dtype=bool)
     other_page = pages[:, None] != pages[None, :]
-    assert metrics["groups"]["intra_cosine"] == pytest.approx(gram[same_page].mean(), abs=1e-10)
-    assert metrics["groups"]["inter_cosine"] == pytest.approx(gram[other_page].mean(), abs=1e-10)
-    assert metrics["cosine"]["mean"] == pytest.approx(gram[~np.eye(600, dtype=bool)].mean(), abs=1e-12)
+    assert metrics["groups"]["intra_cosine"] == pytest.approx(gram[same_page].mean(), abs=1e-6)
+    assert metrics["groups"]["inter_cosine"] == pytest.approx(gram[other_page].mean(), abs=1e-6)
+    assert metrics["cosine"]["mean"] == pytest.approx(gram[~np.eye(600, dtype=bool)].mean(), abs=1e-6)
+    float64_metrics = collapse_metrics(z.astype(np.float64), pages, chunk_rows=97)
+    assert float64_metrics["groups"]["intra_cosine"] == pytest.approx(gram[same_page].mean(), abs=1e-12)
+    assert float64_metrics["groups"]["inter_cosine"] == pytest.approx(gram[other_page].mean(), abs=1e-12)
     assert metrics["verdict"] == "group_collapse"
 
 
@@ -133,7 +137,7 @@ def test_uniformity_matches_definition():
     squared_distances = np.square(hat[:, None, :] - hat[None, :, :]).sum(axis=-1)
     off_diagonal = ~np.eye(300, dtype=bool)
     expected = math.log(np.exp(-2 * squared_distances[off_diagonal]).mean())
-    assert collapse_metrics(z)["uniformity"] == pytest.approx(expected, rel=1e-9)
+    assert collapse_metrics(z)["uniformity"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_cosine_quantiles_use_all_pairs_when_small():
@@ -142,9 +146,10 @@ def test_cosine_quantiles_use_all_pairs_when_small():
     cosines = normalised(z) @ normalised(z).T
     upper = cosines[np.triu_indices(200, k=1)]
     metrics = collapse_metrics(z)
+    # Pair cosines come from float32 products of the float64 sample: about 1e-7 absolute.
     assert metrics["cosine"]["pairs_sampled"] == len(upper)
-    assert metrics["cosine"]["p50"] == pytest.approx(np.quantile(upper, 0.5), abs=1e-12)
-    assert metrics["cosine"]["std"] == pytest.approx(upper.std(), abs=1e-12)
+    assert metrics["cosine"]["p50"] == pytest.approx(np.quantile(upper, 0.5), abs=1e-6)
+    assert metrics["cosine"]["std"] == pytest.approx(upper.std(), abs=1e-6)
 
 
 def test_sampled_cosine_spread_is_seeded_and_close():
@@ -155,6 +160,7 @@ def test_sampled_cosine_spread_is_seeded_and_close():
     assert first["cosine"] == second["cosine"]
     exact_std = all_pair_cosines(z[:2500]).std()
     assert first["cosine"]["std"] == pytest.approx(exact_std, rel=0.05)
+    assert first["cosine"]["pairs_sampled"] == pytest.approx(2000 * 1999 / 2, rel=0.01)
 
 
 def test_dead_dimensions_counted():

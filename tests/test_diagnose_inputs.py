@@ -57,8 +57,8 @@ def test_every_format_gives_same_metrics(tmp_path, matrix):
     reference = collapse_document(tmp_path / "a.npy")["modalities"]["fused"]
     for name in ("b.npz", "c.npz", "d.pt", "e.pt", "f.safetensors", "g.zarr"):
         fused = collapse_document(tmp_path / name, chunk_rows=7)["modalities"]["fused"]
-        assert fused["effective_rank"] == pytest.approx(reference["effective_rank"], rel=1e-9), name
-        assert fused["cosine"]["mean"] == pytest.approx(reference["cosine"]["mean"], rel=1e-9), name
+        assert fused["effective_rank"] == pytest.approx(reference["effective_rank"], rel=1e-6), name
+        assert fused["cosine"]["mean"] == pytest.approx(reference["cosine"]["mean"], abs=1e-7), name
     with_pages = collapse_document(tmp_path / "g.zarr")["modalities"]["fused"]["groups"]
     assert with_pages == collapse_document(tmp_path / "b.npz")["modalities"]["fused"]["groups"]
 
