@@ -145,10 +145,12 @@ def main():
               help="'collapse': exit 1 when the verdict is not healthy.")
 @click.option("--chunk-rows", default=32_768, show_default=True, type=click.IntRange(min=1),
               help="Rows read per chunk; memory is O(chunk x D + D^2).")
+@click.option("--dask", "use_dask", is_flag=True,
+              help="Compute a Zarr store's reductions with dask (the dask extra), block by block.")
 @handle_input_errors
 @show_warnings
 def collapse(path, json_target, modalities, last_only, data_manifest, min_rank_ratio, complete_std_ratio,
-             complete_mean_cosine, group_intra_cosine, fail_on, chunk_rows):
+             complete_mean_cosine, group_intra_cosine, fail_on, chunk_rows, use_dask):
     """Measure representation collapse of PATH: effective rank (RankMe), covariance spectrum, per-dimension
     spread (std_l2), pairwise cosines, uniformity, intra/inter-page cosine and the vision-text gap.
 
@@ -172,7 +174,7 @@ def collapse(path, json_target, modalities, last_only, data_manifest, min_rank_r
         with _row_progress(path) as on_rows:
             document = collapse_document(
                 path, modalities=list(modalities) or None, thresholds=thresholds, all_epochs=not last_only,
-                chunk_rows=chunk_rows, on_rows=on_rows,
+                chunk_rows=chunk_rows, on_rows=on_rows, use_dask=use_dask,
             )
     except CheckpointWithoutEmbeddings as missing:
         document = _checkpoint_without_embeddings(missing, data_manifest, thresholds, modalities, console)
@@ -240,6 +242,95 @@ def _input_size(path: Path) -> int:
     if path.is_dir():
         return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# gate and baseline
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH...")
+@click.option("--thresholds", "rules_path", required=True, type=click.Path(path_type=Path), metavar="RULES.toml",
+              help="TOML file of [[rule]] tables (configs/gate.toml is a ready set).")
+@click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), metavar="FILE",
+              help="baseline/1 JSON written by `diagnose baseline`, for max_drop/max_rise bounds.")
+@click.option("--epoch", type=click.IntRange(min=0), metavar="N",
+              help="Epoch of the run directory to measure (default: the last).")
+@click.option("--json", "json_target", metavar="FILE", help="Write the gate/1 JSON document to FILE ('-' = stdout).")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write JUnit XML (one test case per rule) to FILE.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write the result table as Markdown to FILE.")
+@handle_input_errors
+@show_warnings
+def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markdown_path):
+    """Check the figures of a run against threshold rules, for CI: exit 0 when every rule passes, 1 when
+    any fails, 2 for invalid rules or inputs.
+
+    PATH is a run directory (or checkpoint, or embedding file), and/or JSON results of `diagnose collapse`,
+    `retrieval` or `sparsity`. From a run directory only the documents the rules read are computed, for the
+    last epoch unless --epoch is given; a JSON file given for a document is used as is.
+
+    A rule fails when its metric is missing or not a finite number, and when it has a max_drop or max_rise
+    bound but no --baseline is given. When GITHUB_STEP_SUMMARY is set, the Markdown table is appended to
+    that file.
+    """
+    from diagnose.gate import (
+        append_step_summary,
+        gate_junit,
+        gate_markdown,
+        load_baseline,
+        load_rules,
+        run_gate,
+        write_text_atomically,
+    )
+    from diagnose.render import render_gate
+
+    rules = load_rules(rules_path)
+    baseline = load_baseline(baseline_path) if baseline_path is not None else None
+    document = run_gate(paths, rules, baseline=baseline, epoch=epoch)
+    document["thresholds"] = str(rules_path)
+    document["baseline_file"] = str(baseline_path) if baseline_path is not None else None
+
+    render_gate(document, _stdout_console(json_target))
+    if json_target:
+        write_json(document, json_target)
+    if junit_path is not None:
+        write_text_atomically(gate_junit(document), junit_path, "--junit")
+    markdown = gate_markdown(document)
+    if markdown_path is not None:
+        write_text_atomically(markdown, markdown_path, "--markdown")
+    append_step_summary(markdown)
+    if not document["passed"]:
+        sys.exit(EXIT_FAILED_CHECK)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH...")
+@click.option("-o", "--output", "output", required=True, metavar="FILE",
+              help="Where to write the baseline/1 JSON document ('-' = stdout).")
+@click.option("--thresholds", "rules_path", type=click.Path(path_type=Path), metavar="RULES.toml",
+              help="Record only the documents these rules read, and check that their metrics exist.")
+@click.option("--epoch", type=click.IntRange(min=0), metavar="N",
+              help="Epoch of the run directory to record (default: the last).")
+@handle_input_errors
+@show_warnings
+def baseline(paths, output, rules_path, epoch):
+    """Record the current figures of a run as the baseline that `diagnose gate --baseline` compares with.
+
+    PATH is a run directory (or checkpoint, or embedding file) and/or JSON results of `diagnose collapse`,
+    `retrieval` or `sparsity`. The baseline/1 file holds the whole documents, so later rules may read any
+    metric of them.
+    """
+    from diagnose.gate import build_baseline, load_rules
+
+    rules = load_rules(rules_path) if rules_path is not None else None
+    document = build_baseline(paths, rules=rules, epoch=epoch)
+    if rules_path is not None:
+        document["thresholds"] = str(rules_path)
+    write_json(document, output)
+    kinds = ", ".join(document["documents"])
+    click.echo(f"recorded {kinds} baseline{'s' if len(document['documents']) > 1 else ''} in {output}", err=True)
 
 
 if __name__ == "__main__":

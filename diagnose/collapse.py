@@ -80,13 +80,16 @@ class CollapseAccumulator:
         seed: int = 0,
         page_last_row: dict[int, int] | None = None,
         precision: str = "auto",
+        row_offset: int = 0,
     ):
         """``page_last_row`` maps each page to the index of its last row; with it, finished pages are
         closed as the stream passes them. Without it every page sum stays in memory until :meth:`result`.
 
         ``precision`` "auto" multiplies float32 blocks in float32 (float64 input stays float64);
-        "float64" converts every block first.
+        "float64" converts every block first. ``row_offset`` is the global index of the first row this
+        accumulator sees (for partial accumulators that are merged later).
         """
+        self.row_offset = row_offset
         self.dim = dim
         self.page_last_row = page_last_row
         self.n = 0
@@ -95,11 +98,11 @@ class CollapseAccumulator:
         self.hat_sum = np.zeros(dim, dtype=np.float64)
         self.hat_sq_sum = np.zeros(dim, dtype=np.float64)
         self.sample_rows = sample_rows
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.sample = np.empty((0, dim), dtype=np.float64)
+        self.sample_priority = np.empty(0, dtype=np.uint64)
         self.precision = precision
         self.gram_precision = "float32 blocks, float64 sum"
-        self.sample_seen = 0
         self.page_pairs = 0  # ordered intra-page pairs: sum n_p (n_p - 1)
         self.page_dot = 0.0  # sum over pages of ||S_p||^2 - n_p
         self.has_pages = False
@@ -141,23 +144,50 @@ class CollapseAccumulator:
             self._update_pages(block * inverse_norms[:, None], pages)
 
     def _update_sample(self, block: np.ndarray, inverse_norms: np.ndarray) -> None:
-        """Reservoir sampling (Algorithm R, vectorised per block) of rows of Ẑ."""
-        count = block.shape[0]
-        free = max(0, self.sample_rows - self.sample.shape[0])
-        if free:
-            taken = block[:free] * inverse_norms[:free, None]
-            self.sample = np.concatenate([self.sample, taken.astype(np.float64)])
-            self.sample_seen += taken.shape[0]
-            block, inverse_norms = block[free:], inverse_norms[free:]
-            count = block.shape[0]
-        if count == 0:
+        """Keep the rows of Ẑ with the ``sample_rows`` smallest priorities (bottom-k sampling).
+
+        A row's priority is a hash of its index and the seed, so the sample is a uniform one, the same
+        however the rows are chunked, and two partial samples merge exactly (see :meth:`merge`).
+        """
+        priorities = row_priorities(self.row_offset + self.n + np.arange(block.shape[0], dtype=np.uint64), self.seed)
+        if self.sample.shape[0] >= self.sample_rows:
+            candidates = np.flatnonzero(priorities < self.sample_priority.max())
+        else:
+            candidates = np.arange(block.shape[0])
+        if len(candidates) == 0:
             return
-        positions = self.sample_seen + np.arange(1, count + 1)
-        slots = (self.rng.random(count) * positions).astype(np.int64)
-        keep = np.flatnonzero(slots < self.sample_rows)
-        # Later rows of the block overwrite earlier ones that drew the same slot, as in sequential order.
-        self.sample[slots[keep]] = (block[keep] * inverse_norms[keep, None]).astype(np.float64)
-        self.sample_seen += count
+        rows = (block[candidates] * inverse_norms[candidates, None]).astype(np.float64)
+        self._keep_smallest(np.concatenate([self.sample, rows]),
+                            np.concatenate([self.sample_priority, priorities[candidates]]))
+
+    def _keep_smallest(self, rows: np.ndarray, priorities: np.ndarray) -> None:
+        if len(priorities) > self.sample_rows:
+            keep = np.argpartition(priorities, self.sample_rows - 1)[: self.sample_rows]
+            rows, priorities = rows[keep], priorities[keep]
+        self.sample, self.sample_priority = rows, priorities
+
+    def merge(self, other: "CollapseAccumulator") -> None:
+        """Add the statistics of ``other``, which accumulated a disjoint set of rows.
+
+        ``other`` must have been built with the same seed and ``row_offset`` equal to the global index of
+        its first row, so that the merged sample equals the one a single pass would keep. Pages must not
+        span the two accumulators.
+        """
+        self.n += other.n
+        self.gram += other.gram
+        self.col_sum += other.col_sum
+        self.hat_sum += other.hat_sum
+        self.hat_sq_sum += other.hat_sq_sum
+        self.unit_rows += other.unit_rows
+        self.page_dot += other.page_dot
+        self.page_pairs += other.page_pairs
+        self.has_pages = self.has_pages or other.has_pages
+        for page, (page_sum, page_count) in other._open_pages.items():
+            self._open_pages[page] = (page_sum, page_count)
+        if other.gram_precision != self.gram_precision:
+            self.gram_precision = "float64" if "float64" in (other.gram_precision, self.gram_precision) else self.gram_precision
+        self._keep_smallest(np.concatenate([self.sample, other.sample]),
+                            np.concatenate([self.sample_priority, other.sample_priority]))
 
     def _update_pages(self, normalised: np.ndarray, pages: np.ndarray) -> None:
         unique, inverse = np.unique(pages, return_inverse=True)
@@ -271,8 +301,9 @@ class CollapseAccumulator:
         return metrics
 
     def _cosine_summary(self, max_pairs: int) -> tuple[dict, float]:
-        seed = int(self.rng.integers(2**63))
-        return sample_pair_statistics(self.sample, max_pairs=max_pairs, seed=seed)
+        # Sort the sample by row index hash so the pair subsample does not depend on arrival order.
+        order = np.argsort(self.sample_priority, kind="stable")
+        return sample_pair_statistics(self.sample[order], max_pairs=max_pairs, seed=self.seed)
 
     def _group_summary(self, n: int) -> dict | None:
         if not self.has_pages or self.page_pairs == 0:
@@ -295,6 +326,15 @@ def entropy_rank(values: np.ndarray) -> float:
         return 0.0
     p = values / total + ENTROPY_EPSILON
     return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def row_priorities(row_indices: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform 64-bit priorities of row indices: the SplitMix64 finaliser of (index + seed * golden ratio)."""
+    with np.errstate(over="ignore"):
+        value = row_indices.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        value = (value ^ (value >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        value = (value ^ (value >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return value ^ (value >> np.uint64(31))
 
 
 def sample_pair_statistics(

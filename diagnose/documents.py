@@ -47,15 +47,25 @@ def collapse_document(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     seed: int = 0,
     on_rows: RowsCallback | None = None,
+    use_dask: bool = False,
 ) -> dict:
     """Return the ``collapse/1`` document of a run directory, checkpoint or embedding file.
 
     For a run directory with ``all_epochs`` every epoch is measured and listed under ``epochs`` (with
-    ``first_collapsed_epoch``); the top-level ``modalities`` are those of the last epoch.
+    ``first_collapsed_epoch``); the top-level ``modalities`` are those of the last epoch. ``use_dask``
+    computes a Zarr store's reductions with dask (see :mod:`diagnose.dask_reduce`).
     """
     path = Path(path)
+    if use_dask:
+        if not (path.is_dir() and _is_store(path)):
+            raise InputError(f"{path}: --dask works on Zarr stores only")
+        from diagnose.dask_reduce import dask_collapse_metrics
+
+        fused = dask_collapse_metrics(path, thresholds=thresholds, seed=seed)
+        return {"schema": COLLAPSE_SCHEMA, "source": str(path), "modalities": {"fused": fused}, "pairs": {},
+                "verdict": fused["verdict"], "epoch": None, "thresholds": vars_of(thresholds), "epochs": None}
     epochs = resolve_epochs(path)
-    is_run = path.is_dir() and len(epochs) and epochs[0][0] is not None and not _is_store(path)
+    is_run = path.is_dir() and epochs[0][0] is not None
     if not (is_run and all_epochs):
         epochs = epochs[-1:]
 
