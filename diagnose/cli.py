@@ -208,27 +208,37 @@ def _checkpoint_without_embeddings(missing, data_manifest, thresholds, modalitie
 
 
 class _row_progress:
-    """A rich progress bar over rows, shown only when the input is large enough to take a while."""
+    """A rich progress bar with throughput, shown only for inputs large enough to take a few seconds."""
 
     MIN_BYTES = 256 * 1024 * 1024
 
     def __init__(self, path: Path):
         self.path = path
         self.progress = None
+        self.tasks: dict[str, int] = {}
 
     def __enter__(self):
-        size = _input_size(self.path)
-        if size < self.MIN_BYTES:
+        if _input_size(self.path) < self.MIN_BYTES:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+        from rich.progress import TimeRemainingColumn
+        from rich.text import Text
+
+        class RowSpeedColumn(ProgressColumn):
+            def render(self, task):
+                return Text(f"{task.speed:,.0f} rows/s" if task.speed else "")
 
         self.progress = Progress(
-            TextColumn("reading rows"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} rows/s"),
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RowSpeedColumn(),
             TimeRemainingColumn(), console=_stderr_console(), transient=True,
         )
         self.progress.start()
-        task = self.progress.add_task("rows", total=None)
-        return lambda rows: self.progress.advance(task, rows)
+        return self.advance
+
+    def advance(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done)
 
     def __exit__(self, *exc_info):
         if self.progress is not None:

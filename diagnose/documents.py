@@ -34,8 +34,8 @@ from diagnose.io import (
 COLLAPSE_SCHEMA = "collapse/1"
 DEFAULT_CHUNK_ROWS = 32_768
 
-# Called with the number of rows just processed, for progress display.
-RowsCallback = Callable[[int], None]
+# Called after each chunk with (label, rows done, rows in total), for progress display.
+RowsCallback = Callable[[str, int, int], None]
 
 
 def collapse_document(
@@ -123,7 +123,8 @@ def measure_collapse(
         pages = embedding_set.pages_for(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            results[name] = _stream_collapse(source, pages, thresholds, chunk_rows, seed, on_rows)
+            label = f"{name}" if embedding_set.epoch is None else f"epoch {embedding_set.epoch} {name}"
+            results[name] = _stream_collapse(source, pages, thresholds, chunk_rows, seed, on_rows, label)
         if pages is not None and results[name]["groups"] is None:
             warnings.warn(
                 f"{embedding_set.source}: no page holds two rows of {name!r}; intra-page cosine is undefined",
@@ -149,6 +150,7 @@ def _stream_collapse(
     chunk_rows: int,
     seed: int,
     on_rows: RowsCallback | None,
+    label: str = "",
 ) -> dict:
     accumulator = CollapseAccumulator(
         source.dim, seed=seed, page_last_row=None if pages is None else last_row_of_each_page(pages)
@@ -157,7 +159,7 @@ def _stream_collapse(
         _check_finite(source, start, block)
         accumulator.update(block, None if pages is None else pages[start: start + block.shape[0]])
         if on_rows is not None:
-            on_rows(block.shape[0])
+            on_rows(label, start + block.shape[0], source.rows)
     if accumulator.needs_exact_gram():
         accumulator.refine_gram(block for _, block in source.chunks(chunk_rows))
     return accumulator.result(thresholds)
