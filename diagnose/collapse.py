@@ -106,6 +106,7 @@ class CollapseAccumulator:
         self.page_pairs = 0  # ordered intra-page pairs: sum n_p (n_p - 1)
         self.page_dot = 0.0  # sum over pages of ||S_p||^2 - n_p
         self.has_pages = False
+        self._spectra_cache: tuple[np.ndarray, np.ndarray] | None = None
         self.unit_rows = 0  # rows with a non-zero norm: each adds exactly 1 to sum ||Ẑ_i||^2
         self._open_pages: dict[int, tuple[np.ndarray, int]] = {}
 
@@ -125,6 +126,7 @@ class CollapseAccumulator:
         # Products run in the block's dtype over at most PRODUCT_ROWS rows and are summed in float64,
         # so float32 rounding stays near sqrt(PRODUCT_ROWS) * 6e-8 relative (an estimate).
         # needs_exact_gram() tells when the spectrum reaches down to that rounding.
+        self._spectra_cache = None
         self.gram += (block.T @ block).astype(np.float64)
         self.col_sum += block.sum(axis=0, dtype=np.float64)
 
@@ -173,6 +175,7 @@ class CollapseAccumulator:
         its first row, so that the merged sample equals the one a single pass would keep. Pages must not
         span the two accumulators.
         """
+        self._spectra_cache = None
         self.n += other.n
         self.gram += other.gram
         self.col_sum += other.col_sum
@@ -219,13 +222,20 @@ class CollapseAccumulator:
         if self.gram_precision != "float32 blocks, float64 sum" or self.n < 2:
             return False
         keep = min(self.n, self.dim)
-        gram_eigen = np.linalg.eigvalsh(self.gram)[::-1]
+        gram_eigen, covariance_eigen = self._spectra()
         if gram_eigen[0] <= 0:
             return False
-        mean = self.col_sum / self.n
-        covariance_eigen = np.linalg.eigvalsh(self.gram - self.n * np.outer(mean, mean))[::-1]
+        covariance_eigen = covariance_eigen * (self.n - 1)
         smallest = min(gram_eigen[keep - 1], covariance_eigen[min(keep, self.n - 1) - 1])
         return bool(smallest < relative_floor * gram_eigen[0])
+
+    def _spectra(self) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues, largest first, of Z^T Z and of the covariance; cached until the statistics change."""
+        if self._spectra_cache is None:
+            mean = self.col_sum / self.n
+            covariance = (self.gram - self.n * np.outer(mean, mean)) / (self.n - 1)
+            self._spectra_cache = (np.linalg.eigvalsh(self.gram)[::-1], np.linalg.eigvalsh(covariance)[::-1])
+        return self._spectra_cache
 
     def refine_gram(self, blocks) -> None:
         """Recompute the second moment from float64 products over ``blocks`` (the same rows again)."""
@@ -235,6 +245,7 @@ class CollapseAccumulator:
             gram += block.T @ block
         self.gram = gram
         self.gram_precision = "float64 (second pass)"
+        self._spectra_cache = None
 
     def _close_page(self, page: int) -> None:
         page_sum, page_count = self._open_pages.pop(page)
@@ -251,10 +262,9 @@ class CollapseAccumulator:
         if dim == 1:
             warnings.warn("embeddings have one dimension: rank and spread metrics are trivial", stacklevel=2)
 
-        mean = self.col_sum / n
-        covariance = (self.gram - n * np.outer(mean, mean)) / (n - 1)
-        covariance_eigen = np.clip(np.linalg.eigvalsh(covariance)[::-1], 0.0, None)
-        gram_eigen = np.clip(np.linalg.eigvalsh(self.gram)[::-1], 0.0, None)
+        gram_eigen, covariance_eigen = self._spectra()
+        covariance_eigen = np.clip(covariance_eigen, 0.0, None)
+        gram_eigen = np.clip(gram_eigen, 0.0, None)
         keep = min(n, dim)
         singular_values = np.sqrt(gram_eigen[:keep])
         effective_rank = entropy_rank(singular_values)
@@ -268,7 +278,9 @@ class CollapseAccumulator:
         else:
             participation_ratio, rank_99, effective_rank_cov = 0.0, 0, 0.0
 
-        dim_std = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+        mean = self.col_sum / n
+        variances = (np.diag(self.gram) - n * mean * mean) / (n - 1)
+        dim_std = np.sqrt(np.clip(variances, 0.0, None))
         dead_dims = int(np.sum(dim_std <= 1e-6 * max(float(dim_std.max()), 0.0)))
 
         hat_mean = self.hat_sum / n

@@ -77,8 +77,8 @@ def dask_collapse_metrics(
             for embedding_block, mask_block in zip(embeddings.to_delayed().ravel(), masks.to_delayed().ravel())
         ]
         (gram,) = dask.compute(_tree(grams, np.add))
+        accumulator.refine_gram([])
         accumulator.gram = gram
-        accumulator.gram_precision = "float64 (second pass)"
     return accumulator.result(thresholds)
 
 
