@@ -1,0 +1,230 @@
+"""The run directory: ``run.json``, ``metrics.jsonl``, per-epoch embeddings and checkpoints.
+
+Layout::
+
+    RUN/run.json                              config, versions, device, seed, dataset fingerprint, skips
+    RUN/metrics.jsonl                         one JSON object per optimiser step and per validation
+    RUN/embeddings/epoch_NNNN.safetensors     validation embeddings of epoch NNNN
+    RUN/embeddings/epoch_NNNN.pages.json      page ids, in the order of the ``page`` index
+    RUN/checkpoints/epoch_NNNN.pt, last.pt, best.pt
+
+Whole files are written to a temporary name in their folder, fsynced and renamed into place, so a
+reader never sees a half-written file. ``metrics.jsonl`` is the exception: it is appended one line
+at a time and flushed after every line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import TrainerError
+
+EMBEDDINGS_FORMAT = "collapse-toolkit/embeddings"
+CHECKPOINT_FORMAT = "collapse-toolkit/checkpoint"
+FORMAT_VERSION = 1
+# Files and folders that a run owns; --overwrite deletes only these and keeps the feature cache.
+RUN_ARTIFACTS = ("run.json", "metrics.jsonl", "embeddings", "checkpoints")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    # Makes the rename durable. Some platforms and filesystems cannot open a directory for fsync.
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def embeddings_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}.safetensors"
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}.pt"
+
+
+class RunDirectory:
+    """Writes the artifacts of one training run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.embeddings_dir = self.path / "embeddings"
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.run_json_path = self.path / "run.json"
+        self._metrics = None
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create the folders; raise TrainerError for a non-empty folder unless ``overwrite`` is set.
+
+        With ``overwrite`` the previous run's artifacts are deleted and other files (such as the
+        feature cache) are kept.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise TrainerError(f"{self.path}: exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not overwrite:
+                raise TrainerError(f"{self.path}: run directory is not empty; pass --overwrite to replace its run")
+            for name in RUN_ARTIFACTS:
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.embeddings_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----------------------------------------------------------------------------------------------
+    # run.json and metrics.jsonl
+
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        write_json(self.run_json_path, info)
+
+    def read_run_info(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.run_json_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise TrainerError(f"{self.run_json_path}: cannot read run information ({error})") from None
+
+    def open_metrics(self, keep_through_epoch: int | None = None) -> None:
+        """Open ``metrics.jsonl`` for appending.
+
+        With ``keep_through_epoch`` (a resumed run) the records of later epochs, written after the last
+        checkpoint, are dropped first so that no step appears twice.
+        """
+        if keep_through_epoch is not None and self.metrics_path.exists():
+            kept_lines = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if int(record.get("epoch", 0)) <= keep_through_epoch:
+                    kept_lines.append(line)
+            with atomic_write(self.metrics_path) as temporary:
+                temporary.write_text("".join(line + "\n" for line in kept_lines), encoding="utf-8")
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Embeddings and checkpoints
+
+    def write_embeddings(
+        self,
+        epoch: int,
+        fused: torch.Tensor,
+        vision: torch.Tensor,
+        text: torch.Tensor,
+        page: torch.Tensor,
+        has_text: torch.Tensor,
+        page_ids: list[str],
+        split: str = "val",
+    ) -> str:
+        """Write one epoch's embeddings and page-id sidecar; return the file's path relative to the run."""
+        from safetensors.torch import save_file
+
+        tensors = {
+            "fused": fused.detach().float().cpu().contiguous(),
+            "vision": vision.detach().float().cpu().contiguous(),
+            "text": text.detach().float().cpu().contiguous(),
+            "page": page.detach().to(torch.int64).cpu().contiguous(),
+            "item": torch.arange(fused.shape[0], dtype=torch.int64),
+            "has_text": has_text.detach().to(torch.uint8).cpu().contiguous(),
+        }
+        metadata = {"format": EMBEDDINGS_FORMAT, "version": str(FORMAT_VERSION), "epoch": str(epoch), "split": split}
+        name = embeddings_name(epoch)
+        with atomic_write(self.embeddings_dir / name) as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
+        write_json(self.embeddings_dir / name.replace(".safetensors", ".pages.json"), page_ids)
+        return f"embeddings/{name}"
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], is_best: bool) -> Path:
+        """Write ``epoch_NNNN.pt`` and ``last.pt``, and ``best.pt`` when ``is_best``; return the epoch file."""
+        epoch_path = self.checkpoints_dir / checkpoint_name(int(checkpoint["epoch"]))
+        with atomic_write(epoch_path) as temporary:
+            torch.save(checkpoint, temporary)
+        targets = ["last.pt"] + (["best.pt"] if is_best else [])
+        for name in targets:
+            _link_or_copy(epoch_path, self.checkpoints_dir / name)
+        return epoch_path
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Point ``target`` at ``source``'s content: a hard link renamed into place, or an atomic copy.
+
+    A later checkpoint replaces ``last.pt`` by renaming over it, so a linked epoch file never changes.
+    """
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    try:
+        os.link(source, temporary)
+    except OSError:
+        with atomic_write(target) as copy_target:
+            shutil.copyfile(source, copy_target)
+        return
+    os.replace(temporary, target)
+    _fsync_directory(target.parent)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a trainer checkpoint with ``weights_only=True``; raise TrainerError if it is not one."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainerError(f"{path}: checkpoint not found") from None
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise TrainerError(f"{path}: cannot load checkpoint ({first_line})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise TrainerError(f"{path}: not a collapse-toolkit checkpoint (no format={CHECKPOINT_FORMAT!r} key)")
+    if checkpoint.get("version") != FORMAT_VERSION:
+        raise TrainerError(f"{path}: checkpoint version {checkpoint.get('version')!r} is not supported")
+    return checkpoint

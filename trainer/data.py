@@ -1,0 +1,546 @@
+"""Panel dataset: manifest reading, page validation, the train/validation split, features and batches.
+
+A dataset directory contains a manifest CSV (``page_id,image_path,json_path``, paths relative to the
+manifest), a labels JSON mapping page id to page type, page images and one annotation JSON per page:
+``{"image_width": W, "image_height": H, "panels": [{"bbox": [x, y, w, h], "text": "..."}, ...]}``.
+
+Bad records are skipped, never fatal, and counted per reason (see ``SKIP_REASONS``). Only a dataset
+with no usable page raises :class:`DataError`.
+
+Frozen backbones run once per distinct panel. Their features are kept in memory and on disk, keyed by
+the backbone's ``cache_key`` and a SHA-256 of the panel's content, so later epochs and later runs skip
+the backbone. Trainable backbones run on every step.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from trainer.config import DataConfig, TrainerError
+
+log = logging.getLogger(__name__)
+
+LAYOUT_FEATURES = 7
+MANIFEST_COLUMNS = ("page_id", "image_path", "json_path")
+SKIP_REASONS = (
+    "invalid_manifest_row",
+    "duplicate_page",
+    "unlabelled",
+    "page_type_filtered",
+    "unreadable_json",
+    "invalid_annotation",
+    "no_panels",
+    "too_many_panels",
+    "bbox_zero_size",
+    "bbox_outside_page",
+    "missing_image",
+    "unreadable_image",
+)
+# Examples kept per skip reason for run.json and the error message.
+MAX_SKIP_EXAMPLES = 3
+# Slack for float bounding boxes that end exactly on the page edge.
+BBOX_TOLERANCE = 1e-6
+
+
+class DataError(TrainerError):
+    """A dataset that cannot be used at all; the message names the file."""
+
+
+@dataclass
+class Panel:
+    image: Image.Image
+    text: str
+    # aspect ratio w/h, area ratio panel/page, three reserved zeros, centre x / W, centre y / H
+    layout: tuple[float, ...]
+    page: int
+    has_text: bool
+    image_hash: str
+    text_hash: str
+
+
+@dataclass
+class Page:
+    page_id: str
+    page_type: str | None
+    panels: list[Panel]
+
+
+@dataclass
+class PanelDataset:
+    """Usable pages of one manifest, with skip counts and a content fingerprint."""
+
+    manifest: Path
+    pages: list[Page]
+    skipped: dict[str, int]
+    skipped_examples: dict[str, list[str]]
+    # SHA-256 over the manifest, labels and annotation bytes (page images are not hashed).
+    fingerprint: str
+
+    @property
+    def panels(self) -> list[Panel]:
+        return [panel for page in self.pages for panel in page.panels]
+
+    def panel_offsets(self) -> list[int]:
+        """Return the flat index of each page's first panel, plus the total panel count at the end."""
+        offsets = [0]
+        for page in self.pages:
+            offsets.append(offsets[-1] + len(page.panels))
+        return offsets
+
+
+class _SkipRecord(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(config: DataConfig) -> PanelDataset:
+    """Read the manifest and every page it lists; skip bad records and count them per reason."""
+    manifest = Path(config.manifest)
+    rows, manifest_bytes = _read_manifest(manifest)
+    labels, labels_bytes = _read_labels(manifest, config)
+    reader = _PageReader(manifest, labels, set(config.page_types), config.max_panels)
+    reader.digest.update(manifest_bytes)
+    reader.digest.update(labels_bytes)
+
+    skipped = {reason: 0 for reason in SKIP_REASONS}
+    examples: dict[str, list[str]] = {}
+    pages: list[Page] = []
+    seen: set[str] = set()
+    for line, row in rows:
+        page_id = (row.get("page_id") or "").strip()
+        try:
+            if page_id in seen:
+                raise _SkipRecord("duplicate_page", f"page id repeats on manifest line {line}")
+            pages.append(reader.read(line, row, page_id, page_index=len(pages)))
+            seen.add(page_id)
+        except _SkipRecord as skip:
+            skipped[skip.reason] += 1
+            reason_examples = examples.setdefault(skip.reason, [])
+            if len(reason_examples) < MAX_SKIP_EXAMPLES:
+                reason_examples.append(f"{page_id or f'manifest line {line}'}: {skip.detail}")
+
+    if not pages:
+        raise DataError(f"{manifest}: no usable pages (skipped: {skipped_summary(skipped)})")
+    return PanelDataset(manifest, pages, skipped, examples, reader.digest.hexdigest())
+
+
+def _read_manifest(manifest: Path) -> tuple[list[tuple[int, dict[str, str]]], bytes]:
+    try:
+        raw = manifest.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{manifest}: manifest not found") from None
+    except OSError as error:
+        raise DataError(f"{manifest}: cannot read manifest ({error.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{manifest}: manifest is not UTF-8 text") from None
+
+    reader = csv.DictReader(text.splitlines())
+    columns = [name.strip() for name in reader.fieldnames or []]
+    missing = [name for name in MANIFEST_COLUMNS if name not in columns]
+    if missing:
+        raise DataError(
+            f"{manifest}: manifest lacks column(s) {', '.join(missing)}; expected header "
+            f"{','.join(MANIFEST_COLUMNS)}, found {','.join(columns) or 'nothing'}"
+        )
+    reader.fieldnames = columns
+    # Line 1 is the header.
+    rows = [(index + 2, row) for index, row in enumerate(reader)]
+    if not rows:
+        raise DataError(f"{manifest}: manifest lists no pages")
+    return rows, raw
+
+
+def _read_labels(manifest: Path, config: DataConfig) -> tuple[dict[str, str], bytes]:
+    path = manifest.parent / config.labels
+    if not path.is_file():
+        if config.page_types:
+            raise DataError(
+                f"{path}: labels file not found; it is needed to keep page types "
+                f"{', '.join(config.page_types)} (set data.page_types=[] to keep every page)"
+            )
+        return {}, b""
+    raw = path.read_bytes()
+    try:
+        labels = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: labels file is not valid JSON ({error})") from None
+    if not isinstance(labels, dict) or not all(isinstance(value, str) for value in labels.values()):
+        raise DataError(f"{path}: labels file must be a JSON object mapping page id to page type")
+    return labels, raw
+
+
+class _PageReader:
+    """Reads one manifest row into a Page, raising _SkipRecord with the first problem found."""
+
+    def __init__(self, manifest: Path, labels: dict[str, str], kept_types: set[str], max_panels: int):
+        self.folder = manifest.parent
+        self.labels = labels
+        self.kept_types = kept_types
+        self.max_panels = max_panels
+        self.digest = hashlib.sha256()
+
+    def read(self, line: int, row: dict[str, str], page_id: str, page_index: int) -> Page:
+        image_name = (row.get("image_path") or "").strip()
+        json_name = (row.get("json_path") or "").strip()
+        if not page_id or not image_name or not json_name:
+            raise _SkipRecord("invalid_manifest_row", f"manifest line {line} has an empty field")
+
+        # Annotation bytes enter the fingerprint even for pages that the type filter drops.
+        json_path = self.folder / json_name
+        try:
+            annotation_bytes = json_path.read_bytes()
+        except OSError as error:
+            self.digest.update(f"unreadable:{json_name}".encode())
+            raise _SkipRecord("unreadable_json", f"{json_path}: {error.strerror}") from None
+        self.digest.update(annotation_bytes)
+
+        page_type = self.labels.get(page_id)
+        if self.kept_types:
+            if page_type is None:
+                raise _SkipRecord("unlabelled", "page id not in the labels file")
+            if page_type not in self.kept_types:
+                raise _SkipRecord("page_type_filtered", f"page type {page_type!r}")
+
+        try:
+            annotation = json.loads(annotation_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _SkipRecord("unreadable_json", f"{json_path}: {error}") from None
+        width, height, panel_specs = _parse_annotation(annotation, json_path)
+        if not panel_specs:
+            raise _SkipRecord("no_panels", f"{json_path}: the page has no panels")
+        if len(panel_specs) > self.max_panels:
+            raise _SkipRecord(
+                "too_many_panels", f"{json_path}: {len(panel_specs)} panels (cap {self.max_panels})"
+            )
+        boxes = [_parse_bbox(spec, index, width, height, json_path) for index, spec in enumerate(panel_specs)]
+
+        image_path = self.folder / image_name
+        if not image_path.is_file():
+            raise _SkipRecord("missing_image", f"{image_path} not found")
+        try:
+            with Image.open(image_path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as error:
+            raise _SkipRecord("unreadable_image", f"{image_path}: {error}") from None
+
+        panels = [
+            _make_panel(image, box, spec.get("text") or "", width, height, page_index)
+            for box, spec in zip(boxes, panel_specs)
+        ]
+        return Page(page_id, page_type, panels)
+
+
+def _parse_annotation(annotation: object, json_path: Path) -> tuple[float, float, list[dict]]:
+    if not isinstance(annotation, dict):
+        raise _SkipRecord("invalid_annotation", f"{json_path}: expected a JSON object")
+    width = annotation.get("image_width")
+    height = annotation.get("image_height")
+    if not _is_number(width) or not _is_number(height) or width <= 0 or height <= 0:
+        raise _SkipRecord(
+            "invalid_annotation", f"{json_path}: image_width and image_height must be positive numbers"
+        )
+    panel_specs = annotation.get("panels")
+    if not isinstance(panel_specs, list) or not all(isinstance(spec, dict) for spec in panel_specs):
+        raise _SkipRecord("invalid_annotation", f"{json_path}: 'panels' must be a list of objects")
+    for index, spec in enumerate(panel_specs):
+        text = spec.get("text")
+        if text is not None and not isinstance(text, str):
+            raise _SkipRecord("invalid_annotation", f"{json_path}: panel {index} text is not a string")
+    return float(width), float(height), panel_specs
+
+
+def _parse_bbox(spec: dict, index: int, width: float, height: float, json_path: Path) -> tuple[float, ...]:
+    bbox = spec.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(value) for value in bbox):
+        raise _SkipRecord("invalid_annotation", f"{json_path}: panel {index} bbox must be [x, y, w, h]")
+    x, y, w, h = (float(value) for value in bbox)
+    if w <= 0 or h <= 0:
+        raise _SkipRecord("bbox_zero_size", f"{json_path}: panel {index} bbox {bbox} has no area")
+    tolerance_x = BBOX_TOLERANCE * width
+    tolerance_y = BBOX_TOLERANCE * height
+    if x < -tolerance_x or y < -tolerance_y or x + w > width + tolerance_x or y + h > height + tolerance_y:
+        raise _SkipRecord(
+            "bbox_outside_page",
+            f"{json_path}: panel {index} bbox {bbox} leaves the {width:g}x{height:g} page",
+        )
+    return x, y, w, h
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _make_panel(
+    image: Image.Image, box: tuple[float, ...], text: str, width: float, height: float, page_index: int
+) -> Panel:
+    x, y, w, h = box
+    # The annotation may describe the page at another resolution than the stored image.
+    scale_x = image.width / width
+    scale_y = image.height / height
+    left = min(int(round(x * scale_x)), image.width - 1)
+    top = min(int(round(y * scale_y)), image.height - 1)
+    right = max(int(round((x + w) * scale_x)), left + 1)
+    bottom = max(int(round((y + h) * scale_y)), top + 1)
+    crop = image.crop((left, top, right, bottom))
+
+    layout = (w / h, (w * h) / (width * height), 0.0, 0.0, 0.0, (x + w / 2) / width, (y + h / 2) / height)
+    image_hash = hashlib.sha256(f"{crop.mode}:{crop.width}x{crop.height}:".encode() + crop.tobytes()).hexdigest()
+    text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return Panel(crop, text, layout, page_index, bool(text.strip()), image_hash, text_hash)
+
+
+# --------------------------------------------------------------------------------------------------
+# Split and batches
+
+
+def split_pages(dataset: PanelDataset, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split page indices into train and validation sets, by page, reproducibly for a seed.
+
+    Pages are ordered by a seeded hash of their page id, so a page keeps its side of the split when
+    other pages are added to or removed from the manifest. Both lists come back in manifest order.
+    """
+    count = len(dataset.pages)
+    if count < 2:
+        raise DataError(f"{dataset.manifest}: {count} usable page; at least 2 are needed for a validation split")
+    val_count = min(max(1, round(val_fraction * count)), count - 1)
+    order = sorted(
+        range(count),
+        key=lambda index: hashlib.sha256(f"{seed}:{dataset.pages[index].page_id}".encode()).hexdigest(),
+    )
+    val = sorted(order[:val_count])
+    train = sorted(order[val_count:])
+    return train, val
+
+
+def iterate_batches(
+    page_indices: Sequence[int], batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[list[int]]:
+    """Yield lists of at most ``batch_size`` page indices, shuffled when a generator is given."""
+    order = list(page_indices)
+    if generator is not None:
+        permutation = torch.randperm(len(order), generator=generator).tolist()
+        order = [order[index] for index in permutation]
+    for start in range(0, len(order), batch_size):
+        yield order[start: start + batch_size]
+
+
+@dataclass
+class PanelBatch:
+    """Panels of a set of pages, flattened; the panels of each page are contiguous.
+
+    ``page`` is the page's position in this batch (0 .. pages - 1). Exactly one of ``vision_features``
+    (cached frozen-backbone output) and ``pixels`` (backbone input) is set, and likewise one of
+    ``text_features`` and ``texts``.
+    """
+
+    page: torch.Tensor
+    dataset_page: torch.Tensor
+    layout: torch.Tensor
+    has_text: torch.Tensor
+    vision_features: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    text_features: torch.Tensor | None = None
+    texts: list[str] | None = None
+
+    @property
+    def num_pages(self) -> int:
+        return int(self.page.max().item()) + 1 if self.page.numel() else 0
+
+    @property
+    def num_panels(self) -> int:
+        return int(self.page.numel())
+
+    def to(self, device: torch.device) -> "PanelBatch":
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=True)
+
+        return PanelBatch(
+            page=move(self.page),
+            dataset_page=move(self.dataset_page),
+            layout=move(self.layout),
+            has_text=move(self.has_text),
+            vision_features=move(self.vision_features),
+            pixels=move(self.pixels),
+            text_features=move(self.text_features),
+            texts=self.texts,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone features
+
+
+class PanelInputs:
+    """Model inputs for every panel of a dataset: cached features for frozen backbones, raw inputs otherwise.
+
+    ``vision_backbone`` and ``text_backbone`` follow the ``trainer.backbones`` interface (``frozen``,
+    ``cache_key``, ``out_dim``; vision also ``preprocess`` and ``input_size``).
+    """
+
+    def __init__(
+        self,
+        dataset: PanelDataset,
+        vision_backbone,
+        text_backbone,
+        cache_dir: Path | None,
+        device: torch.device,
+        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+        chunk_size: int = 64,
+    ):
+        self.dataset = dataset
+        self.vision_backbone = vision_backbone
+        self.offsets = dataset.panel_offsets()
+        panels = dataset.panels
+        self.panels = panels
+        self.layout = torch.tensor([panel.layout for panel in panels], dtype=torch.float32)
+        self.has_text = torch.tensor([panel.has_text for panel in panels], dtype=torch.bool)
+
+        self.vision_features: torch.Tensor | None = None
+        self.text_features: torch.Tensor | None = None
+        if vision_backbone.frozen:
+            self.vision_features = _cached_features(
+                kind="vision",
+                backbone=vision_backbone,
+                hashes=[panel.image_hash for panel in panels],
+                compute=lambda indices: vision_backbone(
+                    torch.stack([vision_backbone.preprocess(panels[index].image) for index in indices]).to(device)
+                ),
+                cache_dir=cache_dir,
+                chunk_size=chunk_size,
+                progress=progress,
+            )
+        if text_backbone.frozen:
+            self.text_features = _cached_features(
+                kind="text",
+                backbone=text_backbone,
+                hashes=[panel.text_hash for panel in panels],
+                compute=lambda indices: text_backbone([panels[index].text for index in indices]),
+                cache_dir=cache_dir,
+                chunk_size=chunk_size,
+                progress=progress,
+            )
+
+    def batch(self, page_indices: Sequence[int]) -> PanelBatch:
+        """Collate the panels of the given pages, in the given page order."""
+        flat: list[int] = []
+        local_page: list[int] = []
+        for position, page_index in enumerate(page_indices):
+            start, stop = self.offsets[page_index], self.offsets[page_index + 1]
+            flat.extend(range(start, stop))
+            local_page.extend([position] * (stop - start))
+        index = torch.tensor(flat, dtype=torch.long)
+
+        batch = PanelBatch(
+            page=torch.tensor(local_page, dtype=torch.long),
+            dataset_page=torch.tensor([self.panels[i].page for i in flat], dtype=torch.long),
+            layout=self.layout[index],
+            has_text=self.has_text[index],
+        )
+        if self.vision_features is not None:
+            batch.vision_features = self.vision_features[index]
+        else:
+            batch.pixels = torch.stack([self.vision_backbone.preprocess(self.panels[i].image) for i in flat])
+        if self.text_features is not None:
+            batch.text_features = self.text_features[index]
+        else:
+            batch.texts = [self.panels[i].text for i in flat]
+        return batch
+
+
+def _cached_features(
+    kind: str,
+    backbone,
+    hashes: list[str],
+    compute: Callable[[list[int]], torch.Tensor],
+    cache_dir: Path | None,
+    chunk_size: int,
+    progress: Callable[[str, int], Callable[[int], None]] | None,
+) -> torch.Tensor:
+    """Return [panels, out_dim] float32 features on the CPU, running the backbone only on uncached content."""
+    cache_path = None
+    known: dict[str, torch.Tensor] = {}
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"{kind}-{_safe_name(backbone.cache_key)}.safetensors"
+        known = _read_feature_cache(cache_path, backbone.out_dim)
+
+    first_index: dict[str, int] = {}
+    for index, content_hash in enumerate(hashes):
+        if content_hash not in known:
+            first_index.setdefault(content_hash, index)
+    missing = list(first_index.values())
+
+    if missing:
+        advance = progress(f"{kind} features ({backbone.cache_key})", len(missing)) if progress else None
+        with torch.no_grad():
+            for start in range(0, len(missing), chunk_size):
+                chunk = missing[start: start + chunk_size]
+                features = compute(chunk).detach().float().cpu()
+                for row, index in enumerate(chunk):
+                    known[hashes[index]] = features[row].clone()
+                if advance:
+                    advance(len(chunk))
+        if cache_path is not None:
+            _write_feature_cache(cache_path, known)
+
+    return torch.stack([known[content_hash] for content_hash in hashes])
+
+
+def _safe_name(cache_key: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key)[:60]
+    return f"{readable}-{hashlib.sha256(cache_key.encode()).hexdigest()[:12]}"
+
+
+def _read_feature_cache(path: Path, out_dim: int) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        return {}
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        hashes, features = tensors["hashes"], tensors["features"]
+    except (OSError, SafetensorError, KeyError) as error:
+        log.warning("ignoring unreadable feature cache %s (%s); features will be recomputed", path, error)
+        return {}
+    if features.ndim != 2 or features.shape[1] != out_dim or hashes.shape != (features.shape[0], 32):
+        log.warning("ignoring feature cache %s with unexpected shapes; features will be recomputed", path)
+        return {}
+    return {bytes(row.tolist()).hex(): feature for row, feature in zip(hashes, features)}
+
+
+def _write_feature_cache(path: Path, known: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from trainer.artifacts import atomic_write
+
+    keys = sorted(known)
+    hashes = torch.tensor([list(bytes.fromhex(key)) for key in keys], dtype=torch.uint8)
+    features = torch.stack([known[key] for key in keys]).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as temporary:
+        save_file({"hashes": hashes, "features": features}, str(temporary))
+
+
+def skipped_summary(skipped: dict[str, int]) -> str:
+    """Format non-zero skip counts as 'reason N, reason N' (or 'none')."""
+    parts = [f"{reason} {count}" for reason, count in skipped.items() if count]
+    return ", ".join(parts) or "none"

@@ -1,0 +1,584 @@
+"""The training loop, in the order it runs: setup, data, model, optimiser, step, validation, artifacts.
+
+``fit`` trains a new run and ``resume`` continues one from its ``last.pt``. Everything else is a short
+function named after one stage, so the order of operations reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trainer.artifacts import CHECKPOINT_FORMAT, FORMAT_VERSION, RunDirectory, load_checkpoint
+from trainer.config import TrainConfig, TrainerError, config_from_dict, config_to_dict
+from trainer.data import PanelBatch, PanelDataset, PanelInputs, iterate_batches, load_dataset, split_pages
+from trainer.model import PanelEncoder
+from trainer.objectives import COMPONENTS, Objectives, ObjectiveOutput
+
+# Offsets of the generator seeds from config.seed, so the streams differ from each other and from
+# the model initialisation.
+SHUFFLE_SEED_OFFSET = 1
+MASK_SEED_OFFSET = 2
+VALIDATION_SEED_OFFSET = 3
+
+
+class TrainingDiverged(TrainerError):
+    """The loss became NaN or infinite."""
+
+    exit_code = 1
+
+
+@dataclass
+class Run:
+    """The state of one training run: data, model, optimiser, generators and progress."""
+
+    config: TrainConfig
+    directory: RunDirectory
+    device: torch.device
+    console: Console
+    dataset: PanelDataset
+    train_pages: list[int]
+    val_pages: list[int]
+    model: PanelEncoder
+    objectives: Objectives
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    shuffle_generator: torch.Generator
+    mask_generator: torch.Generator
+    inputs: PanelInputs | None = None
+    backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Last completed epoch and optimiser steps so far.
+    epoch: int = 0
+    step: int = 0
+    best_val_loss: float = math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def fit(
+    config: TrainConfig, run_dir: str | Path, overwrite: bool = False, console: Console | None = None
+) -> Run:
+    """Train a new run into ``run_dir`` and return its final state."""
+    console = console or Console(stderr=True)
+    _reject_distributed()
+    directory = RunDirectory(run_dir)
+    directory.prepare(overwrite)
+    run = setup(config, directory, console)
+    directory.write_run_info(run_info(run))
+    directory.open_metrics()
+    try:
+        train(run)
+    finally:
+        directory.close()
+    return run
+
+
+def resume(run_dir: str | Path, console: Console | None = None) -> Run:
+    """Continue a run from ``checkpoints/last.pt`` up to its configured number of epochs."""
+    console = console or Console(stderr=True)
+    _reject_distributed()
+    directory = RunDirectory(run_dir)
+    checkpoint = load_checkpoint(directory.checkpoints_dir / "last.pt")
+    config = config_from_dict(checkpoint["config"], source=str(directory.checkpoints_dir / "last.pt"))
+    run = setup(config, directory, console, checkpoint=checkpoint)
+    if checkpoint.get("dataset_fingerprint") != run.dataset.fingerprint:
+        console.print(f"[yellow]warning:[/] {config.data.manifest}: dataset changed since the checkpoint was written")
+
+    info = directory.read_run_info()
+    info.setdefault("resumed_from_epoch", []).append(run.epoch)
+    directory.write_run_info(info)
+    directory.open_metrics(keep_through_epoch=run.epoch)
+    try:
+        train(run)
+    finally:
+        directory.close()
+    return run
+
+
+def _reject_distributed() -> None:
+    # NOTE: torchrun / DistributedDataParallel is not implemented; one process trains on one device.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainerError("distributed training (WORLD_SIZE > 1) is not supported; run one process per run")
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup(
+    config: TrainConfig, directory: RunDirectory, console: Console, checkpoint: dict[str, Any] | None = None
+) -> Run:
+    """Seed, pick the device, load the data, build the model and optimiser; restore ``checkpoint`` if given."""
+    seed_everything(config.seed)
+    device = select_device(config.device)
+
+    dataset = load_dataset(config.data)
+    train_pages, val_pages = split_pages(dataset, config.data.val_fraction, config.data.seed)
+
+    model, objectives = build_model(config, device)
+    optimizer, scheduler = build_optimizer(model, objectives, config, steps_per_epoch=_steps_per_epoch(config, train_pages))
+    run = Run(
+        config=config,
+        directory=directory,
+        device=device,
+        console=console,
+        dataset=dataset,
+        train_pages=train_pages,
+        val_pages=val_pages,
+        model=model,
+        objectives=objectives,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        shuffle_generator=torch.Generator().manual_seed(config.seed + SHUFFLE_SEED_OFFSET),
+        mask_generator=torch.Generator().manual_seed(config.seed + MASK_SEED_OFFSET),
+    )
+    if checkpoint is not None:
+        restore_checkpoint(run, checkpoint)
+
+    # Features of frozen backbones are computed after a restore, because a stored frozen backbone's
+    # weights define its cache key.
+    run.backbones = describe_backbones(model)
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else directory.path / "cache"
+    with _progress(console) as progress:
+        run.inputs = PanelInputs(dataset, model.vision_backbone, model.text_backbone, cache_dir, device, progress)
+    return run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainerError(f"device: {name!r} requested, but torch sees no CUDA device")
+    return device
+
+
+def build_model(config: TrainConfig, device: torch.device) -> tuple[PanelEncoder, Objectives]:
+    from trainer.backbones import BackboneError, build_text_backbone, build_vision_backbone
+
+    model_config = config.model
+    try:
+        vision = build_vision_backbone(
+            model_config.vision_backbone, frozen=model_config.vision_frozen, pretrained=model_config.pretrained
+        )
+    except BackboneError as error:
+        raise TrainerError(f"model.vision_backbone: {error}") from None
+    try:
+        text = build_text_backbone(model_config.text_backbone, frozen=model_config.text_frozen)
+    except BackboneError as error:
+        raise TrainerError(f"model.text_backbone: {error}") from None
+
+    model = PanelEncoder(vision, text, model_config).to(device)
+    objectives = Objectives(model_config.dim, config.objectives).to(device)
+    return model, objectives
+
+
+def describe_backbones(model: PanelEncoder) -> dict[str, dict[str, Any]]:
+    excluded = model.excluded_state_prefixes()
+    described = {}
+    for kind, backbone in (("vision", model.vision_backbone), ("text", model.text_backbone)):
+        described[kind] = {
+            "name": backbone.name,
+            "frozen": bool(backbone.frozen),
+            "out_dim": int(backbone.out_dim),
+            "cache_key": backbone.cache_key,
+            "in_checkpoint": f"{kind}_backbone." not in excluded,
+        }
+    return described
+
+
+def optimised_parameters(model: PanelEncoder, objectives: Objectives) -> list[torch.nn.Parameter]:
+    """Parameters the optimiser updates: the trainable model parameters and the objectives' head."""
+    return [p for p in model.parameters() if p.requires_grad] + [p for p in objectives.parameters() if p.requires_grad]
+
+
+def clipped_parameters(model: PanelEncoder, objectives: Objectives, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Parameters covered by gradient clipping: all optimised ones, or the model's only (legacy)."""
+    if config.optim.clip_all_params:
+        return optimised_parameters(model, objectives)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(
+    model: PanelEncoder, objectives: Objectives, config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (weight decay on matrices only, as in nanoGPT) with linear warmup and cosine decay."""
+    parameters = optimised_parameters(model, objectives)
+    groups = [
+        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.optim.weight_decay},
+        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr)
+
+    total_steps = max(1, config.optim.epochs * steps_per_epoch)
+    warmup_steps = int(config.optim.warmup_fraction * total_steps)
+    min_ratio = config.optim.min_lr_ratio
+
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def _steps_per_epoch(config: TrainConfig, train_pages: list[int]) -> int:
+    return math.ceil(len(train_pages) / config.optim.batch_size)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(run: Run) -> None:
+    """Train from the epoch after ``run.epoch`` through ``config.optim.epochs``."""
+    for epoch in range(run.epoch + 1, run.config.optim.epochs + 1):
+        started = time.perf_counter()
+        train_records = train_epoch(run, epoch)
+        validation, embeddings = validate(run, epoch)
+        run.directory.log_metrics(validation)
+
+        relative = dump_embeddings(run, epoch, embeddings)
+        is_best = validation["loss"] < run.best_val_loss
+        if is_best:
+            run.best_val_loss = validation["loss"]
+        run.epoch = epoch
+        save_checkpoint(run, relative, validation["loss"], is_best)
+
+        seconds = time.perf_counter() - started
+        summary = epoch_summary(run, epoch, train_records, validation, seconds, is_best)
+        run.history.append(summary)
+        run.console.print(
+            format_summary(summary, run.config.optim.epochs), markup=False, highlight=False, soft_wrap=True
+        )
+
+
+def train_epoch(run: Run, epoch: int) -> list[dict[str, Any]]:
+    records = []
+    batches = list(iterate_batches(run.train_pages, run.config.optim.batch_size, run.shuffle_generator))
+    with _progress(run.console) as progress:
+        advance = progress(f"epoch {epoch}/{run.config.optim.epochs}", len(batches))
+        for page_indices in batches:
+            batch = run.inputs.batch(page_indices).to(run.device)
+            record = train_step(run, batch, epoch)
+            run.directory.log_metrics(record)
+            records.append(record)
+            advance(1)
+    return records
+
+
+def train_step(run: Run, batch: PanelBatch, epoch: int) -> dict[str, Any]:
+    """One optimiser step; return its ``metrics.jsonl`` record."""
+    model, objectives, config = run.model, run.objectives, run.config
+    model.train()
+    objectives.train()
+    run.optimizer.zero_grad(set_to_none=True)
+
+    with _autocast(run.device):
+        embeddings = model(batch)
+    output = objectives(embeddings, batch.page, batch.has_text, run.mask_generator)
+    if not torch.isfinite(output.total):
+        raise TrainingDiverged(
+            f"loss became {float(output.total.detach())} at epoch {epoch}, step {run.step + 1} "
+            f"({_component_text(output.component_record())}); lower optim.lr or raise objectives.temperature"
+        )
+    output.total.backward()
+
+    # The logged norm covers every optimised parameter, whichever set the clipping covers.
+    parameters = optimised_parameters(model, objectives)
+    grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None]))
+    if config.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(clipped_parameters(model, objectives, config), config.optim.grad_clip)
+
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    return step_record(epoch, run.step, output, lr, grad_norm, batch)
+
+
+def step_record(
+    epoch: int, step: int, output: ObjectiveOutput, lr: float, grad_norm: float, batch: PanelBatch
+) -> dict[str, Any]:
+    return {
+        "kind": "step",
+        "epoch": epoch,
+        "step": step,
+        "loss": float(output.total.detach()),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "pages": batch.num_pages,
+        "panels": batch.num_panels,
+        "components": output.component_record(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and artifacts
+
+
+def validate(run: Run, epoch: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Compute the validation loss and collect the validation embeddings in one pass.
+
+    The model is always in eval mode here. The objectives are in eval mode too (no dropout in the
+    reconstruction head) and the masked panels come from a freshly seeded generator, so two calls on
+    the same weights return the same loss. The legacy preset keeps the objectives in train mode and
+    draws the masks from the global RNG, which is the historical behaviour.
+
+    The loss and component values are means over batches weighted by pages per batch. The active
+    counts are sums over batches.
+    """
+    config = run.config
+    run.model.eval()
+    run.objectives.train(not config.objectives.eval_in_validation)
+    generator = None
+    if config.objectives.seeded_validation_mask:
+        generator = torch.Generator().manual_seed(config.seed + VALIDATION_SEED_OFFSET)
+
+    total = 0.0
+    values = {name: 0.0 for name in COMPONENTS}
+    active = {name: 0 for name in COMPONENTS}
+    weights: dict[str, float] = {}
+    collected: dict[str, list[torch.Tensor]] = {"fused": [], "vision": [], "text": [], "page": [], "has_text": []}
+    page_offset = 0
+    with torch.no_grad():
+        for page_indices in iterate_batches(run.val_pages, config.optim.batch_size):
+            batch = run.inputs.batch(page_indices).to(run.device)
+            with _autocast(run.device):
+                embeddings = run.model(batch)
+            output = run.objectives(embeddings, batch.page, batch.has_text, generator)
+
+            pages = len(page_indices)
+            total += float(output.total) * pages
+            for name, result in output.components.items():
+                values[name] += float(result.value) * pages
+                active[name] += result.active
+                weights[name] = result.weight
+            collected["fused"].append(embeddings.fused.float().cpu())
+            collected["vision"].append(embeddings.vision.float().cpu())
+            collected["text"].append(embeddings.text.float().cpu())
+            collected["page"].append(batch.page.cpu() + page_offset)
+            collected["has_text"].append(batch.has_text.cpu())
+            page_offset += pages
+
+    run.model.train()
+    run.objectives.train()
+
+    count = len(run.val_pages)
+    record = {
+        "kind": "validation",
+        "epoch": epoch,
+        "step": run.step,
+        "loss": total / count,
+        "pages": count,
+        "panels": sum(len(t) for t in collected["page"]),
+        "components": {
+            name: {"value": values[name] / count, "weight": weights[name], "active": active[name]} for name in COMPONENTS
+        },
+    }
+    return record, {name: torch.cat(tensors) for name, tensors in collected.items()}
+
+
+def dump_embeddings(run: Run, epoch: int, embeddings: dict[str, torch.Tensor]) -> str:
+    """Write the epoch's validation embeddings; return their path relative to the run directory."""
+    page_ids = [run.dataset.pages[index].page_id for index in run.val_pages]
+    return run.directory.write_embeddings(
+        epoch,
+        fused=embeddings["fused"],
+        vision=embeddings["vision"],
+        text=embeddings["text"],
+        page=embeddings["page"],
+        has_text=embeddings["has_text"],
+        page_ids=page_ids,
+    )
+
+
+def save_checkpoint(run: Run, embeddings_path: str, val_loss: float, is_best: bool) -> None:
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "version": FORMAT_VERSION,
+        "epoch": run.epoch,
+        "step": run.step,
+        "config": config_to_dict(run.config),
+        "model_state_dict": run.model.checkpoint_state_dict(),
+        "objectives_state_dict": run.objectives.state_dict(),
+        "optimizer_state_dict": run.optimizer.state_dict(),
+        "scheduler_state_dict": run.scheduler.state_dict(),
+        "rng_state": capture_rng_state(run),
+        "embeddings": embeddings_path,
+        "val_loss": val_loss,
+        "best_val_loss": run.best_val_loss,
+        "dataset_fingerprint": run.dataset.fingerprint,
+        "backbones": run.backbones,
+    }
+    run.directory.save_checkpoint(checkpoint, is_best)
+
+
+def restore_checkpoint(run: Run, checkpoint: dict[str, Any]) -> None:
+    run.model.load_checkpoint_state_dict(checkpoint["model_state_dict"])
+    run.objectives.load_state_dict(checkpoint["objectives_state_dict"])
+    run.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    run.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+    restore_rng_state(run, checkpoint["rng_state"])
+    run.epoch = int(checkpoint["epoch"])
+    run.step = int(checkpoint["step"])
+    run.best_val_loss = float(checkpoint["best_val_loss"])
+
+
+def capture_rng_state(run: Run) -> dict[str, Any]:
+    """Return every RNG state as tensors and plain values, so ``weights_only`` loading accepts it."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "shuffle_generator": run.shuffle_generator.get_state(),
+        "mask_generator": run.mask_generator.get_state(),
+    }
+
+
+def restore_rng_state(run: Run, state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["name"],
+        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["position"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    run.shuffle_generator.set_state(state["shuffle_generator"])
+    run.mask_generator.set_state(state["mask_generator"])
+
+
+def run_info(run: Run) -> dict[str, Any]:
+    dataset = run.dataset
+    val_panels = sum(len(dataset.pages[index].panels) for index in run.val_pages)
+    return {
+        "format": "collapse-toolkit/run",
+        "version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": config_to_dict(run.config),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "collapse_toolkit": _package_version(),
+        },
+        "device": str(run.device),
+        "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or platform.machine(),
+        "seed": run.config.seed,
+        "dataset_fingerprint": dataset.fingerprint,
+        "skipped": dataset.skipped,
+        "dataset": {
+            "manifest": str(dataset.manifest),
+            "pages": len(dataset.pages),
+            "panels": len(dataset.panels),
+            "train_pages": len(run.train_pages),
+            "val_pages": len(run.val_pages),
+            "val_panels": val_panels,
+            "skipped_examples": dataset.skipped_examples,
+        },
+        "backbones": run.backbones,
+        "argv": sys.argv,
+    }
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("collapse-toolkit")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress and the epoch summary
+
+
+@contextlib.contextmanager
+def _progress(console: Console):
+    """Yield ``start(description, total) -> advance(n)`` backed by a transient rich progress bar."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # Without a terminal (logs, CI) the bar is skipped; the epoch summary lines remain.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+
+        def start(description: str, total: int) -> Callable[[int], None]:
+            task = progress.add_task(description, total=total)
+            return lambda count: progress.advance(task, count)
+
+        yield start
+
+
+def epoch_summary(
+    run: Run, epoch: int, train_records: list[dict[str, Any]], validation: dict[str, Any], seconds: float, is_best: bool
+) -> dict[str, Any]:
+    steps = max(1, len(train_records))
+    components = {
+        name: sum(record["components"][name]["value"] for record in train_records) / steps for name in COMPONENTS
+    }
+    return {
+        "epoch": epoch,
+        "train_loss": sum(record["loss"] for record in train_records) / steps,
+        "train_components": components,
+        "val_loss": validation["loss"],
+        "val_components": {name: validation["components"][name]["value"] for name in COMPONENTS},
+        "seconds": seconds,
+        "steps": len(train_records),
+        "best": is_best,
+    }
+
+
+def format_summary(summary: dict[str, Any], epochs: int) -> str:
+    components = "  ".join(f"{name} {value:.4f}" for name, value in summary["train_components"].items())
+    best = "  (best)" if summary["best"] else ""
+    return (
+        f"epoch {summary['epoch']}/{epochs}  train {summary['train_loss']:.4f} [{components}]  "
+        f"val {summary['val_loss']:.4f}  {summary['seconds']:.1f}s, {summary['steps']} steps{best}"
+    )
+
+
+def _component_text(components: dict[str, dict[str, float | int]]) -> str:
+    return ", ".join(f"{name} {item['value']:.4g} (active {item['active']})" for name, item in components.items())
