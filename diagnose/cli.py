@@ -279,7 +279,7 @@ def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markd
 
     PATH is a run directory (or checkpoint, or embedding file), and/or JSON results of `diagnose collapse`,
     `retrieval` or `sparsity`. From a run directory only the documents the rules read are computed, for the
-    last epoch unless --epoch is given; a JSON file given for a document is used as is.
+    last epoch unless --epoch is given. A JSON file given for a document is used as is.
 
     A rule fails when its metric is missing or not a finite number, and when it has a max_drop or max_rise
     bound but no --baseline is given. When GITHUB_STEP_SUMMARY is set, the Markdown table is appended to
@@ -329,7 +329,7 @@ def baseline(paths, output, rules_path, epoch):
     """Record the current figures of a run as the baseline that `diagnose gate --baseline` compares with.
 
     PATH is a run directory (or checkpoint, or embedding file) and/or JSON results of `diagnose collapse`,
-    `retrieval` or `sparsity`. The baseline/1 file holds the whole documents, so later rules may read any
+    `retrieval` or `sparsity`. The baseline/1 file contains the whole documents, so later rules may read any
     metric of them.
     """
     from diagnose.gate import build_baseline, load_rules
@@ -340,7 +340,7 @@ def baseline(paths, output, rules_path, epoch):
         document["thresholds"] = str(rules_path)
     write_json(document, output)
     kinds = ", ".join(document["documents"])
-    click.echo(f"recorded {kinds} baseline{'s' if len(document['documents']) > 1 else ''} in {output}", err=True)
+    click.echo(f"baseline of {kinds} written to {'stdout' if output == '-' else output}", err=True)
 
 
 if __name__ == "__main__":

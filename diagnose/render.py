@@ -104,6 +104,60 @@ def render_collapse(document: dict, console: Console) -> None:
         console.print(f"verdict: {verdict_text(document['verdict'])}")
 
 
+GATE_REASON_COLUMN_MIN_WIDTH = 120
+
+
+def render_gate(document: dict, console: Console) -> None:
+    """Print one row per gate rule (value, bound, baseline, delta, result, reason) and the outcome.
+
+    On consoles narrower than 120 columns the reasons are printed under the table, one line per failed
+    rule, so that the metric paths stay readable.
+    """
+    from rich.markup import escape
+
+    from diagnose.gate import describe_bounds, describe_delta
+
+    reason_column = console.width >= GATE_REASON_COLUMN_MIN_WIDTH
+    table = Table(title="Gate", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("result", no_wrap=True, min_width=6)
+    table.add_column("metric", overflow="fold", min_width=20)
+    table.add_column("value", justify="right")
+    table.add_column("bound")
+    table.add_column("baseline", justify="right")
+    table.add_column("delta", justify="right")
+    if reason_column:
+        table.add_column("reason", ratio=2)
+    for result in document["rules"]:
+        value = result["value"]
+        metric = escape(result["metric"])
+        if result.get("name"):
+            metric = f"[bold]{escape(result['name'])}[/]\n{metric}"
+        cells = [
+            str(result["number"]),
+            "[green]pass[/]" if result["passed"] else "[bold red]FAIL[/]",
+            metric,
+            escape(format_number(value) if not isinstance(value, str) else value),
+            escape(describe_bounds(result)),
+            format_number(result["baseline"]),
+            describe_delta(result),
+        ]
+        if reason_column:
+            cells.append(escape(result["reason"] or ""))
+        table.add_row(*cells)
+    console.print(table)
+
+    failed = [result for result in document["rules"] if not result["passed"]]
+    if not reason_column:
+        for result in failed:
+            label = f"rule {result['number']}" + (f" ({result['name']})" if result.get("name") else "")
+            console.print(f"[bold red]FAIL[/] {escape(label)}: {escape(result['reason'] or 'failed')}")
+    if failed:
+        console.print(f"gate: [bold red]failed[/] ({len(failed)} of {len(document['rules'])} rules)")
+    else:
+        console.print(f"gate: [green]passed[/] ({len(document['rules'])} rules)")
+
+
 def _render_trajectory(epochs: list[dict], console: Console) -> None:
     table = Table(title="Per-epoch trajectory (fused, or the first modality)", title_justify="left")
     for column in ("epoch", "effective rank", "ratio", "std_l2 x sqrt(D)", "cosine mean", "intra-page",
