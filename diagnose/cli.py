@@ -285,15 +285,8 @@ def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markd
     bound but no --baseline is given. When GITHUB_STEP_SUMMARY is set, the Markdown table is appended to
     that file.
     """
-    from diagnose.gate import (
-        append_step_summary,
-        gate_junit,
-        gate_markdown,
-        load_baseline,
-        load_rules,
-        run_gate,
-        write_text_atomically,
-    )
+    from diagnose.gate import load_baseline, load_rules, run_gate
+    from diagnose.gate_reports import append_step_summary, gate_junit, gate_markdown, write_text_atomically
     from diagnose.render import render_gate
 
     rules = load_rules(rules_path)

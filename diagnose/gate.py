@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -547,7 +544,7 @@ def evaluate_rule(rule: Rule, found: DocumentSet, baseline: dict[str, dict] | No
     if rule.equals is not None:
         result["passed"] = _is_equal(value, rule.equals)
         if not result["passed"]:
-            result["reason"] = f"value {_describe_value(value)} is not {_describe_value(rule.equals)}"
+            result["reason"] = f"value {describe_value(value)} is not {describe_value(rule.equals)}"
         return result
 
     problem = _finite_number_problem(value)
@@ -565,9 +562,9 @@ def evaluate_rule(rule: Rule, found: DocumentSet, baseline: dict[str, dict] | No
 def _bound_failures(rule: Rule, value: float) -> list[str]:
     failures = []
     if rule.min is not None and value < rule.min:
-        failures.append(f"{_format(value)} is below min {_format(rule.min)}")
+        failures.append(f"{format_figure(value)} is below min {format_figure(rule.min)}")
     if rule.max is not None and value > rule.max:
-        failures.append(f"{_format(value)} is above max {_format(rule.max)}")
+        failures.append(f"{format_figure(value)} is above max {format_figure(rule.max)}")
     return failures
 
 
@@ -607,7 +604,7 @@ def _baseline_failures(rule: Rule, value: float, baseline: dict[str, dict] | Non
         bound = getattr(rule, key)
         if bound is not None and change > bound:
             failures.append(
-                f"{template.format(_format(change))} from baseline {_format(reference)} ({key} {_format(bound)})"
+                f"{template.format(format_figure(change))} from baseline {format_figure(reference)} ({key} {format_figure(bound)})"
             )
     return failures
 
@@ -627,163 +624,20 @@ def _is_scalar(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _describe_value(value) -> str:
+def describe_value(value) -> str:
+    """Format a metric value or ``equals`` target for a message: strings quoted, numbers to six digits."""
     if isinstance(value, str):
         return repr(value)
     if _is_number(value):
-        return _format(value)
+        return format_figure(value)
     return _describe(value)
 
 
-def _format(value: float) -> str:
+def format_figure(value: float) -> str:
+    """Format a number to six significant digits (``inf`` and ``-inf`` for infinities)."""
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return f"{value:.6g}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Reports: bounds text, Markdown, JUnit XML
-
-
-def describe_bounds(result: dict) -> str:
-    """Format the bounds of one rule result in short form, e.g. ``>= 0.2, drop <= 5%``."""
-    parts = []
-    if result.get("equals") is not None:
-        parts.append(f"= {_describe_value(result['equals'])}")
-    for key, template in (
-        ("min", ">= {}"), ("max", "<= {}"), ("max_drop", "drop <= {}"), ("max_drop_pct", "drop <= {}%"),
-        ("max_rise", "rise <= {}"), ("max_rise_pct", "rise <= {}%"),
-    ):
-        if result.get(key) is not None:
-            parts.append(template.format(_format(result[key])))
-    return ", ".join(parts)
-
-
-def describe_delta(result: dict) -> str:
-    """Format the change from the baseline, absolute and in percent, or ``-`` without a baseline value."""
-    if result.get("delta") is None:
-        return "-"
-    text = f"{result['delta']:+.4g}"
-    delta_pct = result.get("delta_pct")
-    if delta_pct is None:
-        return text
-    if math.isinf(delta_pct):
-        return f"{text} ({_format(delta_pct)}%)"
-    return f"{text} ({delta_pct:+.3g}%)"
-
-
-def rule_label(result: dict) -> str:
-    return result.get("name") or f"rule {result['number']}"
-
-
-def format_value(value) -> str:
-    if value is None:
-        return "-"
-    return _describe_value(value) if not isinstance(value, str) else value
-
-
-def gate_markdown(document: dict) -> str:
-    """Render the gate result as a Markdown heading and table (GitHub-flavoured)."""
-    rules = document["rules"]
-    failed = sum(not result["passed"] for result in rules)
-    status = "passed" if document["passed"] else f"failed ({failed} of {len(rules)} rules)"
-    lines = [
-        f"### diagnose gate: {status}",
-        "",
-        "| result | rule | metric | value | bound | baseline | delta | reason |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | --- |",
-    ]
-    for result in rules:
-        cells = [
-            "pass" if result["passed"] else "**FAIL**",
-            rule_label(result),
-            f"`{result['metric']}`",
-            format_value(result["value"]),
-            describe_bounds(result),
-            format_value(result["baseline"]),
-            describe_delta(result),
-            result["reason"] or "",
-        ]
-        lines.append("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _markdown_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def gate_junit(document: dict) -> str:
-    """Render the gate result as JUnit XML: one ``diagnose gate`` test suite, one test case per rule.
-
-    A failed rule gets a ``<failure>`` element whose ``message`` attribute is the reason. The reason also
-    opens the element's text, because GitLab's test report has shown that text and not the attribute
-    (gitlab-org/gitlab-foss issue 53668). GitLab keys test cases by classname and name, so a rule name
-    used twice gets its rule number appended.
-    """
-    rules = document["rules"]
-    failures = sum(not result["passed"] for result in rules)
-    counts = {"tests": str(len(rules)), "failures": str(failures), "errors": "0", "skipped": "0", "time": "0"}
-    root = ElementTree.Element("testsuites", {"name": "diagnose gate", **counts})
-    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    suite = ElementTree.SubElement(root, "testsuite", {"name": "diagnose gate", **counts, "timestamp": timestamp})
-
-    labels = [rule_label(result) for result in rules]
-    for result, label in zip(rules, labels):
-        if labels.count(label) > 1:
-            label = f"{label} (rule {result['number']})"
-        document_name = result["metric"].split(".", 1)[0]
-        case = ElementTree.SubElement(
-            suite, "testcase", {"classname": f"diagnose gate.{document_name}", "name": label, "time": "0"}
-        )
-        details = "\n".join([
-            f"metric: {result['metric']}",
-            f"value: {format_value(result['value'])}",
-            f"bound: {describe_bounds(result)}",
-            f"baseline: {format_value(result['baseline'])}",
-            f"delta: {describe_delta(result)}",
-        ])
-        if result["passed"]:
-            ElementTree.SubElement(case, "system-out").text = details
-        else:
-            reason = result["reason"] or "failed"
-            attributes = {"message": reason, "type": "GateRuleFailed"}
-            ElementTree.SubElement(case, "failure", attributes).text = f"{reason}\n{details}"
-    ElementTree.indent(root)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root, encoding="unicode") + "\n"
-
-
-def write_text_atomically(text: str, target: str | Path, option: str) -> None:
-    """Write ``text`` to ``target`` through a temporary file in the same folder and a rename."""
-    destination = Path(target)
-    if destination.is_dir():
-        raise InputError(f"{option} {destination}: is a directory")
-    directory = destination.parent
-    if not directory.is_dir():
-        raise InputError(f"{option} {destination}: folder {directory} does not exist")
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{destination.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def append_step_summary(markdown: str, environ: dict[str, str] | None = None) -> Path | None:
-    """Append ``markdown`` to the file named by ``GITHUB_STEP_SUMMARY``, if that variable is set.
-
-    GitHub Actions shows this file on the job's summary page. Appending (not replacing) keeps what earlier
-    steps wrote there.
-    """
-    environ = os.environ if environ is None else environ
-    target = environ.get("GITHUB_STEP_SUMMARY")
-    if not target:
-        return None
-    path = Path(target)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(markdown + "\n")
-    return path
 
 
 __all__ = [
@@ -791,10 +645,9 @@ __all__ = [
     "DOCUMENT_BUILDERS",
     "GATE_SCHEMA",
     "Rule",
-    "append_step_summary",
     "build_baseline",
-    "gate_junit",
-    "gate_markdown",
+    "describe_value",
+    "format_figure",
     "gather_documents",
     "load_baseline",
     "load_rules",

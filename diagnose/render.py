@@ -115,7 +115,7 @@ def render_gate(document: dict, console: Console) -> None:
     """
     from rich.markup import escape
 
-    from diagnose.gate import describe_bounds, describe_delta
+    from diagnose.gate_reports import describe_bounds, describe_delta
 
     reason_column = console.width >= GATE_REASON_COLUMN_MIN_WIDTH
     table = Table(title="Gate", title_justify="left")
