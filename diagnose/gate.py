@@ -12,8 +12,8 @@ Rules live in a TOML file as ``[[rule]]`` tables::
 Keys of a rule:
 
 - ``metric`` (required): a dotted path into the documents, document name first. A key that itself
-  contains a dot is matched whole: at each level the longest key that fits the rest of the path wins.
-  A numeric segment indexes a list (``collapse.epochs.-1.verdict``).
+  contains a dot is matched whole, because at each level the longest key that fits the rest of the path
+  is tried first, then shorter ones. A numeric segment indexes a list (``collapse.epochs.-1.verdict``).
 - ``min`` / ``max``: inclusive bounds on the value.
 - ``max_drop`` / ``max_drop_pct``: the largest allowed fall below the baseline value, absolute or in
   percent of ``|baseline|``. ``max_rise`` / ``max_rise_pct`` bound a rise above the baseline, for metrics
@@ -459,7 +459,7 @@ def _baseline_metrics(rules: list[Rule], documents: dict[str, dict]) -> dict:
             problem = None if rule.equals is not None else _finite_number_problem(value)
         if problem and rule.needs_baseline:
             raise InputError(f"rule {rule.number}: cannot record a baseline for {rule.metric}: value {problem}")
-        metrics[rule.metric] = value
+        metrics[rule.metric] = value if _is_scalar(value) else None
     return metrics
 
 
