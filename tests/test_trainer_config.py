@@ -156,11 +156,14 @@ def test_extends_loop_is_an_error(tmp_path):
         load_config(tmp_path / "a.toml")
 
 
-def test_override_path_stays_relative_to_working_directory(tmp_path):
-    path = tmp_path / "c.toml"
-    path.write_text('[data]\nmanifest = "m.csv"\n')
+def test_override_path_is_relative_to_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "configs" / "c.toml"
+    path.parent.mkdir()
+    path.write_text('[data]\nmanifest = "m.csv"\ncache_dir = "cache"\n')
     config = load_config(path, ["data.manifest=elsewhere/m.csv"])
-    assert config.data.manifest == "elsewhere/m.csv"
+    assert config.data.manifest == str(tmp_path / "elsewhere" / "m.csv")
+    assert config.data.cache_dir == str(tmp_path / "configs" / "cache")
 
 
 def test_dict_and_toml_round_trip():

@@ -4,8 +4,8 @@ A config file is TOML with the sections ``[data]``, ``[model]``, ``[objectives]`
 ``[objectives.weights]``) and ``[optim]`` plus the top-level keys ``seed``, ``device`` and ``preset``.
 A file may start from another one with ``extends = "other.toml"``, and its own keys then win.
 
-Paths inside a file are relative to that file. Paths given with ``--set`` are relative to the
-working directory.
+Paths inside a file are relative to that file. Paths given with ``--set`` or left at their default
+are relative to the working directory. ``load_config`` makes them all absolute.
 
 The ``legacy`` preset reproduces the historical training script:
 
@@ -148,7 +148,15 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for override in overrides:
         key, value = parse_override(override)
         _set_dotted(tree, key, value, source="--set")
-    return config_from_dict(tree, source=str(path) if path is not None else "--set")
+    config = config_from_dict(tree, source=str(path) if path is not None else "--set")
+
+    # Absolute paths keep run.json and checkpoints usable from another working directory.
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value:
+            setattr(getattr(config, section), name, os.path.abspath(value))
+    return config
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "config") -> TrainConfig:

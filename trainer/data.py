@@ -178,7 +178,10 @@ def _read_labels(manifest: Path, config: DataConfig) -> tuple[dict[str, str], by
                 f"{', '.join(config.page_types)} (set data.page_types=[] to keep every page)"
             )
         return {}, b""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read labels file ({error.strerror})") from None
     try:
         labels = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
