@@ -261,8 +261,19 @@ def build_collapse_document(source: Path, epoch: int | None) -> dict:
     """Measure the ``collapse/1`` document of one epoch (default: the last) of a run, or of one file."""
     from diagnose.documents import collapse_document
 
+    return _measure_epoch(collapse_document, source, epoch)
+
+
+def build_retrieval_document(source: Path, epoch: int | None) -> dict:
+    """Measure the ``retrieval/1`` document (vision and text, both directions) of one epoch or file."""
+    from diagnose.documents import retrieval_document
+
+    return _measure_epoch(retrieval_document, source, epoch)
+
+
+def _measure_epoch(measure: Callable[..., dict], source: Path, epoch: int | None) -> dict:
     chosen_epoch, embedding_path = select_epoch(source, epoch)
-    document = collapse_document(embedding_path, all_epochs=False)
+    document = measure(embedding_path, all_epochs=False)
     if chosen_epoch is not None:
         document["epoch"] = chosen_epoch
     return document
@@ -286,7 +297,7 @@ def select_epoch(source: Path, epoch: int | None) -> tuple[int | None, Path]:
 # None has no builder yet: rules on it fail unless its JSON file is passed.
 DOCUMENT_BUILDERS: dict[str, DocumentBuilder | None] = {
     "collapse": build_collapse_document,
-    "retrieval": None,
+    "retrieval": build_retrieval_document,
     "sparsity": None,
 }
 

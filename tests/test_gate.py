@@ -875,6 +875,74 @@ max = 0.5
     assert all(rule["passed"] for rule in gate["rules"][:3])
 
 
+@pytest.fixture
+def paired_run(tmp_path):
+    """A run whose text embedding of each panel is its image embedding plus a little noise."""
+    run = tmp_path / "paired"
+    (run / "embeddings").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    vision = rng.standard_normal((40, 16)).astype(np.float32)
+    text = (vision + 0.1 * rng.standard_normal((40, 16))).astype(np.float32)
+    save_file(
+        {"fused": vision + text, "vision": vision, "text": text, "page": np.repeat(np.arange(10), 4),
+         "item": np.arange(40)},
+        str(run / "embeddings" / "epoch_0003.safetensors"),
+        metadata={"format": "collapse-toolkit/embeddings", "epoch": "3"},
+    )
+    return run
+
+
+def test_retrieval_built_from_run(tmp_path, paired_run):
+    rules = write_rules(tmp_path, """
+[[rule]]
+metric = "retrieval.directions.vision->text.global.recall@5"
+min = 0.9
+
+[[rule]]
+metric = "retrieval.directions.text->vision.page.recall@1"
+min = 0.9
+""")
+
+    result, gate = gate_json(tmp_path, paired_run, "--thresholds", rules)
+
+    assert result.exit_code == 0, result.output
+    assert gate["sources"] == {"retrieval": str(paired_run)}
+    assert gate["rules"][0]["value"] == 1.0
+
+
+def test_retrieval_of_fused_only_run_exit_2(tmp_path, fake_run):
+    rules = write_rules(tmp_path, """
+[[rule]]
+metric = "retrieval.directions.vision->text.global.recall@5"
+min = 0.5
+""")
+
+    result = invoke("gate", fake_run, "--thresholds", rules)
+
+    assert_input_error(result, "no modality 'vision' for retrieval")
+
+
+def test_baseline_skips_unbuildable_documents(tmp_path, fake_run):
+    output = tmp_path / "baseline.json"
+
+    result = invoke("baseline", fake_run, "-o", output)
+
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(output.read_text())["documents"]) == ["collapse"]
+    assert "warning: retrieval document not recorded" in result.stderr
+
+
+def test_baseline_records_every_buildable_document(tmp_path, paired_run):
+    output = tmp_path / "baseline.json"
+
+    result = invoke("baseline", paired_run, "-o", output)
+
+    assert result.exit_code == 0, result.output
+    baseline = json.loads(output.read_text())
+    assert list(baseline["documents"]) == ["collapse", "retrieval"]
+    assert baseline["documents"]["retrieval"]["epoch"] == 3
+
+
 def test_only_needed_documents_are_built(tmp_path):
     calls = []
 
