@@ -219,8 +219,8 @@ def _key_list(node: dict, limit: int = 8) -> str:
     keys = [str(key) for key in node]
     if not keys:
         return "none"
-    shown = ", ".join(keys[:limit])
-    return shown + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
+    listed = ", ".join(keys[:limit])
+    return listed + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _describe(value) -> str:
