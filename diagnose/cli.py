@@ -255,6 +255,107 @@ def _input_size(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# retrieval
+
+
+def _parse_ks(context, parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        ks = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 1,5,10, got {value!r}") from None
+    if not ks or min(ks) < 1:
+        raise click.BadParameter(f"recall cut-offs must be positive integers, got {value!r}")
+    return ks
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--query", default="vision", show_default=True, metavar="MODALITY",
+              help="Modality whose rows are the queries (a matrix name in the file).")
+@click.option("--gallery", default="text", show_default=True, metavar="MODALITY",
+              help="Modality whose rows are searched.")
+@click.option("--one-way", is_flag=True, help="Rank QUERY against GALLERY only, not also GALLERY against QUERY.")
+@click.option("-k", "ks", callback=_parse_ks, metavar="K,K,...",
+              help="Recall cut-offs to report in addition to recall@1, 5 and 10, e.g. 1,5,10,50.")
+@click.option("--scope", type=click.Choice(["global", "page", "both"]), default="both", show_default=True,
+              help="global: rank against the whole gallery. page: only against the query's own page.")
+@click.option("--index", type=click.Choice(["flat", "hnsw", "ivf"]), default="flat", show_default=True,
+              help="flat: exact search. ivf, hnsw: approximate FAISS search for galleries too large for "
+                   "exact search, with the recall loss measured on a sample.")
+@click.option("--depth", type=click.IntRange(min=1), metavar="N",
+              help="Results per query kept by hnsw (and by ivf on a GPU). Default: max(100, largest K).")
+@click.option("--nprobe", type=click.IntRange(min=1), metavar="N", help="ivf: inverted lists probed per query (default 16).")
+@click.option("--sample", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Approximate search: sampled queries that are also ranked exactly, to measure the recall loss.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="auto: use a GPU when FAISS sees one.")
+@click.option("--last-only", is_flag=True, help="For a run directory, measure only the last epoch.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampled queries and of IVF k-means.")
+@click.option("--json", "json_target", metavar="FILE", help="Write the retrieval/1 JSON document to FILE ('-' = stdout).")
+@handle_input_errors
+@show_warnings
+def retrieval(path, query, gallery, one_way, ks, scope, index, depth, nprobe, sample, device, last_only, seed,
+              json_target):
+    """Measure whether QUERY and GALLERY embeddings (default vision and text) still find each other.
+
+    Every query is ranked by cosine similarity against the gallery. Its positives are the gallery rows
+    with its pair id (item), and several per query are allowed. The rank is 1 + the gallery items scoring
+    strictly above its best positive, plus the expected share of items tied with it, so a collapsed model
+    scores at chance. Reports recall@K, MRR, median and mean rank and chance recall@1, over the whole
+    gallery (global) and within the query's page (page), in both directions. Panels without text are left
+    out. PATH is a run directory (every epoch, plus the full table of the last), a checkpoint or an
+    embedding file. Exact search is tiled, so memory stays O(tile x gallery).
+    """
+    from diagnose.documents import retrieval_document
+    from diagnose.render import render_retrieval
+
+    scopes = ("global", "page") if scope == "both" else (scope,)
+    index_params = {"nprobe": nprobe} if nprobe is not None else None
+    with _query_progress() as progress:
+        document = retrieval_document(
+            path, query=query, gallery=gallery, both_directions=not one_way, ks=ks, scopes=scopes, index=index,
+            depth=depth, index_params=index_params, sample=sample, seed=seed, device=device,
+            all_epochs=not last_only, progress=progress,
+        )
+    render_retrieval(document, _stdout_console(json_target))
+    if json_target:
+        write_json(document, json_target)
+
+
+class _query_progress:
+    """A rich progress bar per ranking pass, drawn only when stderr is a terminal."""
+
+    def __init__(self):
+        self.progress = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        console = _stderr_console()
+        if not console.is_terminal:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("queries"),
+            TimeRemainingColumn(), console=console, transient=True,
+        )
+        self.progress.start()
+        return self.update
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done)
+
+    def __exit__(self, *exc_info):
+        if self.progress is not None:
+            self.progress.stop()
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
 # gate and baseline
 
 

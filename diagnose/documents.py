@@ -254,10 +254,110 @@ def _is_store(path: Path) -> bool:
     return (path / ".zgroup").is_file() or (path / "zarr.json").is_file()
 
 
+# --------------------------------------------------------------------------------------------------
+# retrieval/1
+
+RETRIEVAL_SCHEMA = "retrieval/1"
+
+# Called as progress(label, queries done, queries in total), for progress display.
+QueriesCallback = Callable[[str, int, int], None]
+
+
+def retrieval_document(
+    path: str | Path,
+    *,
+    query: str = "vision",
+    gallery: str = "text",
+    both_directions: bool = True,
+    ks: list[int] | None = None,
+    scopes: tuple[str, ...] = ("global", "page"),
+    index: str = "flat",
+    depth: int | None = None,
+    index_params: dict | None = None,
+    sample: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
+    all_epochs: bool = True,
+    progress: QueriesCallback | None = None,
+) -> dict:
+    """Return the ``retrieval/1`` document of a run directory, checkpoint or embedding file.
+
+    For a run directory with ``all_epochs`` every epoch is measured and listed under ``epochs``. The
+    top-level ``directions`` are those of the last epoch. See :func:`diagnose.retrieval.bidirectional_retrieval`
+    for the figures.
+    """
+    path = Path(path)
+    epochs = resolve_epochs(path)
+    is_run = path.is_dir() and epochs[0][0] is not None and not _is_store(path)
+    if not (is_run and all_epochs):
+        epochs = epochs[-1:]
+
+    trajectory = []
+    for epoch, epoch_path in epochs:
+        embedding_set = load_embeddings(epoch_path, epoch=epoch)
+        label = "" if embedding_set.epoch is None else f"epoch {embedding_set.epoch} "
+        measured = measure_retrieval(
+            embedding_set, query=query, gallery=gallery, both_directions=both_directions, ks=ks, scopes=scopes,
+            index=index, depth=depth, index_params=index_params, sample=sample, seed=seed, device=device,
+            progress=None if progress is None else lambda name, done, total: progress(label + name, done, total),
+        )
+        trajectory.append({"epoch": embedding_set.epoch, **measured})
+
+    last = trajectory[-1]
+    document = {"schema": RETRIEVAL_SCHEMA, "source": str(path), **last, "epochs": None}
+    if is_run and all_epochs:
+        document["epochs"] = [{"epoch": entry["epoch"], "directions": entry["directions"]} for entry in trajectory]
+    return document
+
+
+def measure_retrieval(embedding_set: EmbeddingSet, *, query: str = "vision", gallery: str = "text",
+                      progress: QueriesCallback | None = None, **options) -> dict:
+    """Rank ``query`` against ``gallery`` (and back) in one embedding set; return directions, excluded, index.
+
+    Each modality is read in chunks straight into one L2-normalised float32 matrix. ``options`` are passed
+    to :func:`diagnose.retrieval.bidirectional_retrieval`. Input errors name the file.
+    """
+    from diagnose.retrieval import bidirectional_retrieval
+
+    for name in (query, gallery):
+        if name not in embedding_set.sources:
+            raise InputError(
+                f"{embedding_set.source}: no modality {name!r} for retrieval "
+                f"(available: {', '.join(embedding_set.modalities)})"
+            )
+    same_rows = embedding_set.vision_item is None and embedding_set.text_item is None
+    try:
+        vectors = [_normalized_matrix(embedding_set.sources[name]) for name in (query, gallery)]
+        return bidirectional_retrieval(
+            vectors[0], vectors[1],
+            first_items=embedding_set.items_for(query), second_items=embedding_set.items_for(gallery),
+            first_pages=embedding_set.pages_for(query), second_pages=embedding_set.pages_for(gallery),
+            has_text=embedding_set.has_text if same_rows else None,
+            names=(query, gallery), normalized=True, progress=progress, **options,
+        )
+    except InputError as error:
+        message = str(error)
+        if message.startswith(embedding_set.source):
+            raise
+        raise InputError(f"{embedding_set.source}: {message}") from None
+
+
+def _normalized_matrix(source: ArraySource, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+    from diagnose.retrieval import normalize_rows
+
+    matrix = np.empty(source.shape, dtype=np.float32)
+    for start, block in source.chunks(chunk_rows):
+        normalize_rows(block, source.name, out=matrix[start:start + len(block)], row_offset=start)
+    return matrix
+
+
 __all__ = [
     "COLLAPSE_SCHEMA",
     "CheckpointWithoutEmbeddings",
+    "RETRIEVAL_SCHEMA",
     "collapse_document",
     "measure_collapse",
+    "measure_retrieval",
+    "retrieval_document",
     "weight_diagnostics",
 ]

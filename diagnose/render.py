@@ -104,6 +104,77 @@ def render_collapse(document: dict, console: Console) -> None:
         console.print(f"verdict: {verdict_text(document['verdict'])}")
 
 
+RETRIEVAL_ROWS = [
+    ("n_queries", "queries"),
+    ("gallery_size", "gallery size"),
+    ("mrr", "MRR"),
+    ("median_rank", "median rank"),
+    ("mean_rank", "mean rank"),
+    ("chance@1", "chance recall@1"),
+    ("tied_queries", "queries with ties"),
+]
+
+
+def render_retrieval(document: dict, console: Console) -> None:
+    """Print the retrieval table of the last epoch, the approximate-search figures and the trajectory."""
+    columns = [
+        (f"{direction} {scope}", metrics)
+        for direction, entry in document["directions"].items()
+        for scope, metrics in entry.items()
+        if metrics is not None
+    ]
+    epoch = document.get("epoch")
+    title = f"Retrieval: {document['source']}" + (f" (epoch {epoch})" if epoch is not None else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    recall_keys = sorted({key for _, metrics in columns for key in metrics if key.startswith("recall@")},
+                         key=lambda key: int(key.split("@")[1]))
+    for key in recall_keys:
+        table.add_row(key, *(format_number(metrics.get(key)) for _, metrics in columns))
+    for key, label in RETRIEVAL_ROWS:
+        table.add_row(label, *(format_number(metrics.get(key)) for _, metrics in columns))
+    if any("censored" in metrics for _, metrics in columns):
+        table.add_row("censored queries", *(format_number(metrics.get("censored")) for _, metrics in columns))
+    console.print(table)
+
+    for name, metrics in columns:
+        losses = metrics.get("approx_recall_loss")
+        if losses:
+            figures = ", ".join(f"{key} {format_number(value)}" for key, value in losses.items())
+            console.print(
+                f"{name}: {metrics['index']} search lost {figures} of recall against exact search on "
+                f"{metrics['approx_sample']} sampled queries, and its MRR is a lower bound."
+            )
+    excluded = (document.get("excluded") or {}).get("no_text")
+    if excluded:
+        console.print(f"left out {excluded} panels without text (has_text = 0) on both sides")
+    note = (document.get("index") or {}).get("note")
+    if note:
+        console.print(f"note: {note}")
+
+    epochs = document.get("epochs")
+    if epochs:
+        _render_retrieval_trajectory(epochs, console)
+
+
+def _render_retrieval_trajectory(epochs: list[dict], console: Console) -> None:
+    directions = list(epochs[-1]["directions"])
+    table = Table(title="Per-epoch trajectory (global scope)", title_justify="left")
+    table.add_column("epoch", justify="right")
+    for direction in directions:
+        for k in (1, 5, 10):
+            table.add_column(f"{direction} R@{k}", justify="right")
+    for entry in epochs:
+        cells = []
+        for direction in directions:
+            metrics = (entry["directions"].get(direction) or {}).get("global") or {}
+            cells.extend(format_number(metrics.get(f"recall@{k}")) for k in (1, 5, 10))
+        table.add_row(str(entry["epoch"]), *cells)
+    console.print(table)
+
+
 GATE_REASON_COLUMN_MIN_WIDTH = 120
 
 

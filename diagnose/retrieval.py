@@ -25,10 +25,12 @@ counts against it. BLAS may round the same dot product differently in different 
 which would break ties between identical gallery vectors, so each duplicate column takes the score of the
 first bitwise-identical gallery row before comparing.
 
-Approximate search (``index="ivf"`` or ``"hnsw"``, FAISS) returns only the top ``depth`` gallery items per
-query. A query whose positives are all missing from that list is censored (rank > depth): recall@K for
-K <= depth is exact with respect to the index, MRR is a lower bound, and the mean rank is unknown. The loss
-of recall against exact search is measured on a seeded sample of queries.
+Approximate search ranks each query among a subset of the gallery. ``index="hnsw"`` (FAISS HNSW) and
+``"ivf"`` on a GPU (FAISS IVF-Flat) return the top ``depth`` items per query. ``"ivf"`` on the CPU ranks
+each query among all items of the inverted lists it probes. A query whose positives are all missing from
+its subset is censored (its rank is unknown), so recall@K is exact with respect to the index (for
+K <= depth), MRR is a lower bound, and the mean rank is unknown. The loss of recall against exact search
+is measured on a seeded sample of queries.
 
 Nothing here reads files or prints. Invalid input raises :class:`diagnose.io.InputError` with a one-line
 message, and callers add the file name.
@@ -62,6 +64,8 @@ DEFAULT_NPROBE = 16
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 80
 DEFAULT_EF_SEARCH = 128
+# (query, probed list) pairs scored per batch in CPU IVF search.
+IVF_PAIRS_PER_BATCH = 2**22
 
 # Called as progress(label, done, total) with counts of queries ranked so far.
 ProgressCallback = Callable[[str, int, int], None]
@@ -192,10 +196,11 @@ def retrieval_metrics(ranks: RankCounts, ks: Sequence[int] = CONTRACT_KS) -> dic
     metrics["random_recall@1"] = float(np.mean(ranks.n_positives / sizes))
     metrics["tied_queries"] = int(np.count_nonzero(ranks.tied[~censored]))
     metrics["trivial_queries"] = int(np.count_nonzero(ranks.n_positives == sizes))
-    if ranks.depth is not None:
-        metrics["search_depth"] = ranks.depth
+    if ranks.censored is not None:
         metrics["censored"] = int(np.count_nonzero(censored))
         metrics["mrr_lower_bound"] = True
+    if ranks.depth is not None:
+        metrics["search_depth"] = ranks.depth
     return metrics
 
 
@@ -538,8 +543,8 @@ def _faiss_gpu_count() -> int:
 
 
 def _default_nlist(n_gallery: int) -> int:
-    # About 4 sqrt(N) lists, but at least 39 training points per list (FAISS warns below that).
-    return int(max(1, min(round(4 * math.sqrt(n_gallery)), n_gallery // 39)))
+    # About 2 sqrt(N) lists, but at least 40 training points per list (FAISS k-means warns below 39).
+    return int(max(1, min(round(2 * math.sqrt(n_gallery)), n_gallery // 40)))
 
 
 def build_index(gallery: np.ndarray, kind: str, *, depth: int, params: dict | None = None, use_gpu: bool = False,
@@ -547,7 +552,8 @@ def build_index(gallery: np.ndarray, kind: str, *, depth: int, params: dict | No
     """Build a FAISS inner-product index of kind ``"ivf"`` (IVF-Flat) or ``"hnsw"`` over normalised rows.
 
     Returns the index and a description of it (kind, parameters, device, note). ``params`` may set
-    ``nlist`` and ``nprobe`` (IVF, by default about 4 sqrt(N) lists and 16 probes) or ``m``,
+    ``nlist``, ``nprobe`` and ``train_rows`` (IVF, by default about 2 sqrt(N) lists, 16 probes and 40
+    training rows per list) or ``m``,
     ``ef_construction`` and ``ef_search`` (HNSW, by default 32, 80 and max(128, depth)). HNSW has no FAISS
     GPU implementation, so it is always built and searched on the CPU.
     """
@@ -558,6 +564,8 @@ def build_index(gallery: np.ndarray, kind: str, *, depth: int, params: dict | No
     info: dict = {"kind": kind, "exact": False, "device": "cpu", "note": None}
     if kind == "ivf":
         nlist = int(params.get("nlist") or _default_nlist(n_gallery))
+        if nlist > n_gallery:
+            raise InputError(f"IVF needs at most one list per gallery row, but nlist is {nlist} for {n_gallery} rows")
         nprobe = int(min(params.get("nprobe") or DEFAULT_NPROBE, nlist, GPU_MAX_DEPTH if use_gpu else nlist))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -566,7 +574,7 @@ def build_index(gallery: np.ndarray, kind: str, *, depth: int, params: dict | No
             index = faiss.index_cpu_to_all_gpus(index)
             info["device"] = "gpu"
         rng = np.random.default_rng(seed)
-        train_rows = min(n_gallery, 64 * nlist)
+        train_rows = int(min(n_gallery, params.get("train_rows") or 40 * nlist))
         sample = gallery[np.sort(rng.choice(n_gallery, size=train_rows, replace=False))]
         index.train(sample)
         index.add(gallery)
@@ -586,6 +594,131 @@ def build_index(gallery: np.ndarray, kind: str, *, depth: int, params: dict | No
     else:
         raise InputError(f"unknown approximate index {kind!r} (expected 'ivf' or 'hnsw')")
     return index, info
+
+
+def _row_dots(queries: np.ndarray, query_rows: np.ndarray, gallery: np.ndarray, gallery_rows: np.ndarray) -> np.ndarray:
+    """Return queries[query_rows[i]] . gallery[gallery_rows[i]] for every i, in chunks of bounded memory."""
+    dots = np.empty(len(query_rows), dtype=np.float32)
+    step = max(1, DEFAULT_TILE_BYTES // (8 * queries.shape[1]))
+    for start in range(0, len(query_rows), step):
+        stop = start + step
+        dots[start:stop] = np.einsum(
+            "ij,ij->i", queries[query_rows[start:stop]], gallery[gallery_rows[start:stop]]
+        )
+    return dots
+
+
+def _ivf_counts(
+    queries: np.ndarray,
+    query_items: np.ndarray,
+    gallery: np.ndarray,
+    gallery_items: np.ndarray,
+    lookup: _PositiveLookup,
+    first: np.ndarray,
+    *,
+    params: dict | None,
+    seed: int,
+    progress: ProgressCallback | None,
+    label: str,
+) -> tuple[RankCounts, dict]:
+    """Rank each query among the gallery items of the inverted lists it probes (IVF), on the CPU.
+
+    FAISS k-means (spherical, seeded) splits the gallery into ``nlist`` lists, and each query probes the
+    ``nprobe`` lists with the nearest centroids: the candidates FAISS IndexIVFFlat would scan. Instead
+    of scanning list by list per query, each list is scored against all queries that probe it with one
+    matrix product, and the candidates above the best probed positive are counted. The rank is therefore
+    complete within the candidates, and a query is censored only when none of its positives is in a
+    probed list. Identical gallery vectors share one list, and copies of the best positive count as
+    ties. Distinct vectors are compared at float32 resolution, so exact score ties between different
+    vectors are not detected here.
+    """
+    import faiss
+
+    params = dict(params or {})
+    n_gallery, dim = gallery.shape
+    nlist = int(params.get("nlist") or _default_nlist(n_gallery))
+    nprobe = int(min(params.get("nprobe") or DEFAULT_NPROBE, nlist))
+    train_rows = int(min(n_gallery, params.get("train_rows") or 40 * nlist))
+
+    if nlist > n_gallery:
+        raise InputError(f"IVF needs at most one list per gallery row, but nlist is {nlist} for {n_gallery} rows")
+
+    # Lists: seeded spherical k-means on a sample, then every gallery row goes to its nearest centroid.
+    centroids = faiss.IndexFlatIP(dim)
+    if nlist == 1:
+        centroids.add(np.ones((1, dim), dtype=np.float32))  # one list holds everything; no k-means needed
+    else:
+        rng = np.random.default_rng(seed)
+        sample = gallery[np.sort(rng.choice(n_gallery, size=train_rows, replace=False))]
+        kmeans = faiss.Kmeans(dim, nlist, niter=10, seed=seed, spherical=True, verbose=False)
+        kmeans.train(sample)
+        centroids.add(kmeans.centroids)
+    assignment = np.empty(n_gallery, dtype=np.int64)
+    for start in range(0, n_gallery, 65_536):
+        assignment[start:start + 65_536] = centroids.search(gallery[start:start + 65_536], 1)[1][:, 0]
+    assignment = assignment[first]  # copies follow their first row, whatever the rounding
+    list_order = np.argsort(assignment, kind="stable")
+    list_bounds = np.searchsorted(assignment[list_order], np.arange(nlist + 1))
+    copies = np.bincount(first, minlength=n_gallery)
+
+    n_queries = len(queries)
+    higher = np.zeros(n_queries, dtype=np.int64)
+    tied = np.zeros(n_queries, dtype=np.int64)
+    tied_positives = np.ones(n_queries, dtype=np.int64)
+    censored = np.zeros(n_queries, dtype=bool)
+    batch = max(1, IVF_PAIRS_PER_BATCH // nprobe)
+    for start in range(0, n_queries, batch):
+        stop = min(start + batch, n_queries)
+        block, items = queries[start:stop], query_items[start:stop]
+        probes = centroids.search(block, nprobe)[1]
+
+        # Best positive among the probed lists, and which vector it is.
+        positive_starts, positive_counts = lookup.locate(items)
+        columns, offsets = lookup.columns(positive_starts, positive_counts)
+        owner = np.repeat(np.arange(stop - start), positive_counts)
+        probed = (probes[owner] == assignment[columns][:, None]).any(axis=1)
+        scores = np.where(probed, _row_dots(block, owner, gallery, columns), -np.inf)
+        best = np.maximum.reduceat(scores, offsets)
+        found = best > -np.inf
+        at_best = np.where(scores == best[owner], np.arange(len(columns)), len(columns) - 1)
+        best_vector = first[columns[np.minimum.reduceat(at_best, offsets)]]
+        identical_positive = probed & (first[columns] == best_vector[owner])
+        block_tied_positives = np.add.reduceat(identical_positive.astype(np.int64), offsets)
+
+        # Count, list by list, the candidates above the best positive (positives and copies excluded).
+        pair_query = np.repeat(np.arange(stop - start), nprobe)
+        pair_list = probes.ravel()
+        keep = found[pair_query] & (pair_list >= 0)
+        pair_query, pair_list = pair_query[keep], pair_list[keep]
+        order = np.argsort(pair_list, kind="stable")
+        sorted_lists = pair_list[order]
+        cuts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_lists)) + 1, [len(order)]])
+        pair_higher = np.zeros(len(order), dtype=np.float64)
+        for cut_start, cut_stop in zip(cuts[:-1], cuts[1:]):
+            list_id = sorted_lists[cut_start] if cut_stop > cut_start else -1
+            members = list_order[list_bounds[list_id]:list_bounds[list_id + 1]] if list_id >= 0 else []
+            if len(members) == 0:
+                continue
+            pairs = order[cut_start:cut_stop]
+            rows = pair_query[pairs]
+            above = block[rows] @ gallery[members].T > best[rows, None]
+            above &= gallery_items[members][None, :] != items[rows][:, None]
+            above &= first[members][None, :] != best_vector[rows][:, None]
+            pair_higher[pairs] = np.count_nonzero(above, axis=1)
+
+        higher[start:stop] = np.rint(np.bincount(pair_query, weights=pair_higher, minlength=stop - start))
+        tied_positives[start:stop] = np.where(found, block_tied_positives, 1)
+        tied[start:stop] = np.where(found, copies[best_vector] - block_tied_positives, 0)
+        censored[start:stop] = ~found
+        if progress is not None:
+            progress(label, stop, n_queries)
+
+    ranks = RankCounts(
+        higher=higher, tied=tied, tied_positives=tied_positives,
+        n_positives=lookup.locate(query_items)[1].astype(np.int64),
+        gallery_size=np.full(n_queries, n_gallery, dtype=np.int64), censored=censored,
+    )
+    return ranks, {"nlist": nlist, "nprobe": nprobe, "train_rows": train_rows}
 
 
 def _approximate_counts(
@@ -746,14 +879,42 @@ def retrieval_ranks(
         return _rank_pages(query_side, gallery_side, tile_bytes=DEFAULT_TILE_BYTES, progress=progress)
     if index == "flat":
         return _rank_exact(query_side, gallery_side, tile=tile, use_gpu=use_gpu, progress=progress)[0]
-    depth = _validate_depth(depth, [1], len(gallery_side.vectors), use_gpu and index == "ivf")
     _require_partners(gallery_side.lookup.locate(query_side.items)[1], query_side.items, names[0], names[1])
-    built, _ = build_index(gallery_side.vectors, index, depth=depth, params=index_params, use_gpu=use_gpu,
-                           seed=seed)
-    return _approximate_counts(
-        query_side.vectors, built, query_side.items, gallery_side.items, gallery_side.lookup, gallery_side.first,
-        depth=depth, progress=progress, label=f"{names[0]}->{names[1]}",
+    ranks, _ = _approximate_ranks(
+        query_side, gallery_side, index, depth=depth, ks=list(CONTRACT_KS), params=index_params, use_gpu=use_gpu,
+        seed=seed, progress=progress,
     )
+    return ranks
+
+
+def _approximate_ranks(query_side: _Side, gallery_side: _Side, index: str, *, depth, ks: list[int], params,
+                       use_gpu: bool, seed: int, progress) -> tuple[RankCounts, dict]:
+    """Rank with an approximate index and return the counts and the index description.
+
+    ``"ivf"`` on the CPU scores the probed lists with matrix products (:func:`_ivf_counts`), unless
+    ``params["search"] == "faiss"``. HNSW, and IVF on a GPU, use FAISS top-``depth`` search.
+    """
+    label = f"{query_side.name}->{gallery_side.name} global"
+    params = dict(params or {})
+    search = params.pop("search", "lists")
+    if search not in ("lists", "faiss"):
+        raise InputError(f"unknown IVF search {search!r} (expected 'lists' or 'faiss')")
+    if index == "ivf" and not use_gpu and search == "lists":
+        ranks, parameters = _ivf_counts(
+            query_side.vectors, query_side.items, gallery_side.vectors, gallery_side.items, gallery_side.lookup,
+            gallery_side.first, params=params, seed=seed, progress=progress, label=label,
+        )
+        return ranks, {"kind": index, "device": "cpu", "note": None, "parameters": {**parameters, "search": "lists"}}
+
+    depth = _validate_depth(depth, ks, len(gallery_side.vectors), use_gpu and index == "ivf")
+    built, info = build_index(gallery_side.vectors, index, depth=depth, params=params, use_gpu=use_gpu, seed=seed)
+    ranks = _approximate_counts(
+        query_side.vectors, built, query_side.items, gallery_side.items, gallery_side.lookup, gallery_side.first,
+        depth=depth, progress=progress, label=label,
+    )
+    if index == "ivf":
+        info["parameters"]["search"] = "faiss"
+    return ranks, info
 
 
 def _check_dimensions(first: _Side, second: _Side) -> None:
@@ -948,12 +1109,9 @@ def _global_metrics(query_side: _Side, gallery_side: _Side, ks: list[int], *, in
     _require_partners(gallery_side.lookup.locate(query_side.items)[1], query_side.items, query_side.name,
                       gallery_side.name)
     reported_ks = sorted(set(CONTRACT_KS) | set(ks))
-    depth = _validate_depth(depth, reported_ks, len(gallery_side.vectors), use_gpu and index == "ivf")
-    built, info = build_index(gallery_side.vectors, index, depth=depth, params=index_params, use_gpu=use_gpu,
-                              seed=seed)
-    ranks = _approximate_counts(
-        query_side.vectors, built, query_side.items, gallery_side.items, gallery_side.lookup,
-        gallery_side.first, depth=depth, progress=progress, label=f"{query_side.name}->{gallery_side.name} global",
+    ranks, info = _approximate_ranks(
+        query_side, gallery_side, index, depth=depth, ks=reported_ks, params=index_params, use_gpu=use_gpu,
+        seed=seed, progress=progress,
     )
     metrics = retrieval_metrics(ranks, ks)
     metrics["index"] = index

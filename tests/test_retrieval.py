@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,10 +334,14 @@ def clustered_data(n=3000, dim=32, clusters=30, seed=0):
     return vision.astype(np.float32), text.astype(np.float32)
 
 
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
-def test_approximate_loss_small_when_clustered(index):
+APPROXIMATE_CASES = [("ivf", {}), ("ivf", {"search": "faiss"}), ("hnsw", {})]
+
+
+@pytest.mark.parametrize(("index", "params"), APPROXIMATE_CASES, ids=["ivf-lists", "ivf-faiss", "hnsw"])
+def test_approximate_loss_small_when_clustered(index, params):
     vision, text = clustered_data()
-    approximate = bidirectional_retrieval(vision, text, index=index, depth=50, sample=500, scopes=["global"])
+    approximate = bidirectional_retrieval(vision, text, index=index, index_params=params, depth=50, sample=500,
+                                          scopes=["global"])
     exact = bidirectional_retrieval(vision, text, scopes=["global"])
 
     entry = approximate["directions"]["vision->text"]["global"]
@@ -345,23 +351,48 @@ def test_approximate_loss_small_when_clustered(index):
     assert set(entry["approx_recall_loss"]) == {"recall@1", "recall@5", "recall@10"}
     assert all(abs(loss) <= 0.03 for loss in entry["approx_recall_loss"].values())
     assert entry["mrr_lower_bound"] is True
-    assert entry["search_depth"] == 50
     assert entry["censored"] >= 0
+    if params.get("search") == "faiss" or index == "hnsw":
+        assert entry["search_depth"] == 50
+    else:
+        assert "search_depth" not in entry
     exact_entry = exact["directions"]["vision->text"]["global"]
     assert entry["recall@10"] == pytest.approx(exact_entry["recall@10"], abs=0.03)
-    assert entry["mrr"] <= exact_entry["mrr"] + 1e-9
+    assert entry["mrr"] <= exact_entry["mrr"] + 0.01
 
 
-def test_exhaustive_ivf_equals_exact_search():
+@pytest.mark.parametrize("search", ["lists", "faiss"])
+def test_exhaustive_ivf_equals_exact_search(search):
     vision, text = clustered_data(n=800, seed=1)
     items = np.arange(len(vision))
     exact = retrieval_ranks(vision, text, items, items)
     approximate = retrieval_ranks(vision, text, items, items, index="ivf", depth=800,
-                                  index_params={"nlist": 8, "nprobe": 8})
+                                  index_params={"nlist": 8, "nprobe": 8, "search": search})
     assert not approximate.censored.any()
     assert np.array_equal(approximate.higher, exact.higher)
     for k in (1, 5, 10):
         assert approximate.recall_at(k).mean() == pytest.approx(exact.recall_at(k).mean())
+
+
+def test_ivf_lists_rank_ties_like_exact_search():
+    # Collapsed text: every text vector identical, so every query ties with the whole gallery.
+    vision, _ = clustered_data(n=400, seed=2)
+    text = np.ones_like(vision)
+    items = np.arange(len(vision))
+    approximate = retrieval_ranks(vision, text, items, items, index="ivf", index_params={"nlist": 4, "nprobe": 4})
+    assert not approximate.censored.any()
+    assert approximate.tied.tolist() == [len(text) - 1] * len(text)
+    assert approximate.recall_at(1).mean() == pytest.approx(1 / len(text))
+
+
+def test_ivf_lists_censor_unprobed_positives():
+    vision, text = clustered_data(n=1200, clusters=40, seed=3)
+    items = np.arange(len(vision))
+    shuffled = np.random.default_rng(0).permutation(items)  # pair each vision row with a random text row
+    ranks = retrieval_ranks(vision, text, items, shuffled, index="ivf", index_params={"nlist": 30, "nprobe": 1})
+    assert ranks.censored.sum() > len(items) // 2
+    assert ranks.recall_at(1)[ranks.censored].sum() == 0
+    assert retrieval_metrics(ranks)["mean_rank"] is None
 
 
 def test_censored_queries_count_as_misses():
@@ -424,3 +455,121 @@ def test_bad_input_raises_one_line_error(case):
         bidirectional_retrieval(**arguments)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+CONTRACT_KEYS = {"n_queries", "gallery_size", "recall@1", "recall@5", "recall@10", "mrr", "median_rank",
+                 "mean_rank", "chance@1"}
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "embeddings"
+
+
+def write_epoch(path: Path, epoch: int, *, noise: float, seed: int = 0, n_pages: int = 12) -> Path:
+    from safetensors.numpy import save_file
+
+    vision, text, pages = paired_data(n_pages=n_pages, panels=(2, 6), dim=16, noise=noise, seed=seed + epoch)
+    has_text = np.ones(len(pages), dtype=np.uint8)
+    has_text[::5] = 0
+    arrays = {"vision": vision, "text": text, "fused": vision + text, "page": pages.astype(np.int64),
+              "item": np.arange(len(pages), dtype=np.int64), "has_text": has_text}
+    save_file(arrays, str(path), metadata={"format": "collapse-toolkit/embeddings", "epoch": str(epoch)})
+    return path
+
+
+def run_cli(*arguments):
+    from click.testing import CliRunner
+
+    from diagnose.cli import main
+
+    return CliRunner().invoke(main, ["retrieval", *arguments])
+
+
+def test_cli_json_follows_contract(tmp_path):
+    path = write_epoch(tmp_path / "epoch.safetensors", 3, noise=1.0)
+    result = run_cli(str(path), "-k", "1,2,20", "--json", "-")
+    assert result.exit_code == 0, result.output
+
+    document = json.loads(result.stdout)
+    assert document["schema"] == "retrieval/1"
+    assert document["source"] == str(path)
+    assert set(document["directions"]) == {"vision->text", "text->vision"}
+    for entry in document["directions"].values():
+        assert set(entry) == {"global", "page"}
+        for metrics in entry.values():
+            assert CONTRACT_KEYS <= set(metrics)
+            assert {"recall@2", "recall@20"} <= set(metrics)
+    assert document["excluded"]["no_text"] > 0
+    assert document["epochs"] is None
+
+
+def test_cli_run_directory_has_trajectory(tmp_path):
+    embeddings = tmp_path / "run" / "embeddings"
+    embeddings.mkdir(parents=True)
+    for epoch, noise in ((1, 3.0), (2, 1.0), (3, 0.3)):
+        write_epoch(embeddings / f"epoch_{epoch:04d}.safetensors", epoch, noise=noise)
+    json_path = tmp_path / "retrieval.json"
+    result = run_cli(str(tmp_path / "run"), "--json", str(json_path))
+    assert result.exit_code == 0, result.output
+
+    document = json.loads(json_path.read_text())
+    assert [entry["epoch"] for entry in document["epochs"]] == [1, 2, 3]
+    assert document["epoch"] == 3
+    recall = [entry["directions"]["vision->text"]["global"]["recall@1"] for entry in document["epochs"]]
+    assert recall[0] < recall[1] < recall[2]
+    assert document["directions"]["vision->text"]["global"]["recall@1"] == recall[2]
+    assert "Per-epoch trajectory" in result.stdout
+
+
+def test_cli_collapsed_fixture_scores_at_chance():
+    result = run_cli(str(FIXTURES / "collapsed.safetensors"), "--scope", "global", "--json", "-")
+    assert result.exit_code == 0, result.output
+    collapsed = json.loads(result.stdout)["directions"]["vision->text"]["global"]
+    healthy_result = run_cli(str(FIXTURES / "healthy.safetensors"), "--scope", "global", "--json", "-")
+    healthy = json.loads(healthy_result.stdout)["directions"]["vision->text"]["global"]
+    assert collapsed["recall@1"] < 3 * collapsed["chance@1"]
+    assert healthy["recall@1"] > 0.5
+
+
+def test_cli_one_way_and_approximate(tmp_path):
+    path = write_epoch(tmp_path / "epoch.safetensors", 0, noise=0.5, n_pages=150)
+    result = run_cli(str(path), "--one-way", "--index", "ivf", "--nprobe", "2", "--scope", "global",
+                     "--sample", "20", "--json", "-")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert list(document["directions"]) == ["vision->text"]
+    metrics = document["directions"]["vision->text"]["global"]
+    assert metrics["index"] == "ivf"
+    assert metrics["index_parameters"]["nprobe"] == 2
+    assert metrics["approx_sample"] == 20
+    assert metrics["mrr_lower_bound"] is True
+    assert "WARNING" not in result.stderr
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    vision_only = tmp_path / "vision_only.npz"
+    np.savez(vision_only, vision=np.ones((4, 3), np.float32))
+    result = run_cli(str(vision_only))
+    assert result.exit_code == 2
+    assert f"{vision_only}: no modality 'text'" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+    nan_file = tmp_path / "nan.npz"
+    text = np.ones((4, 3), np.float32)
+    text[2, 1] = np.nan
+    np.savez(nan_file, vision=np.ones((4, 3), np.float32), text=text)
+    result = run_cli(str(nan_file))
+    assert result.exit_code == 2
+    assert f"{nan_file}: text row 2 contains NaN or infinite values" in result.stderr
+
+    unpaired = tmp_path / "unpaired.npz"
+    np.savez(unpaired, vision=np.ones((4, 3), np.float32), text=np.ones((6, 3), np.float32),
+             vision_item=np.arange(4), text_item=np.arange(6) + 2)
+    result = run_cli(str(unpaired))
+    assert result.exit_code == 2
+    assert "2 of 4 vision rows have no text row with the same item id (first: vision row 0, item 0)" in result.stderr
+
+    result = run_cli(str(unpaired), "-k", "1,x")
+    assert result.exit_code == 2
+    assert "comma-separated integers" in result.stderr
