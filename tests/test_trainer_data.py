@@ -194,6 +194,7 @@ class CountingBackbone(torch.nn.Module):
         self.frozen = True
         self.out_dim = backbone.out_dim
         self.cache_key = backbone.cache_key
+        self.name = backbone.name
         self.items = 0
         if hasattr(backbone, "preprocess"):
             self.preprocess = backbone.preprocess
@@ -216,6 +217,9 @@ def test_frozen_features_cached(tmp_path):
     inputs = PanelInputs(dataset, vision, text, cache, torch.device("cpu"))
     assert vision.items == 7
     assert text.items == 7
+    assert [(stats.kind, stats.distinct, stats.computed) for stats in inputs.feature_stats] == [
+        ("vision", 7, 7), ("text", 7, 7),
+    ]
     assert inputs.vision_features.shape == (7, vision.out_dim)
     assert len(list(cache.glob("vision-*.safetensors"))) == 1
     assert len(list(cache.glob("text-*.safetensors"))) == 1
@@ -230,6 +234,7 @@ def test_frozen_features_cached(tmp_path):
     again = PanelInputs(dataset, vision, text, cache, torch.device("cpu"))
     assert vision.items == 7
     assert text.items == 7
+    assert [stats.computed for stats in again.feature_stats] == [0, 0]
     assert torch.equal(again.vision_features, inputs.vision_features)
     assert torch.equal(again.text_features, inputs.text_features)
 

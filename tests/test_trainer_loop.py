@@ -192,8 +192,9 @@ def test_fit_writes_every_artifact(tmp_path):
     assert last["embeddings"] == "embeddings/epoch_0002.safetensors"
     assert not [path for path in run_dir.rglob(".*tmp*")]
 
-    summary_lines = console.file.getvalue().strip().splitlines()
-    assert [line.split()[:2] for line in summary_lines] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    output_lines = console.file.getvalue().strip().splitlines()
+    assert output_lines[0].startswith(f"data {run.dataset.manifest}: 10 pages (7 train, 3 validation), 23 panels")
+    assert [line.split()[:2] for line in output_lines[1:]] == [["epoch", "1/2"], ["epoch", "2/2"]]
 
 
 def test_validation_record_counts_match_pages(tmp_path):
@@ -346,6 +347,23 @@ def test_cli_bad_config_exits_2(tmp_path, capfd, extra, fragment):
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert fragment in lines[0]
+
+
+def test_cli_resume_finished_and_missing_runs(tmp_path, capfd):
+    config = write_config(tmp_path, make_dataset(tmp_path))
+    run_dir = tmp_path / "run"
+    assert run_cli(["fit", "--config", str(config), "--out", str(run_dir)]) == 0
+    before = (run_dir / "metrics.jsonl").read_text()
+    capfd.readouterr()
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert "trained through epoch 1" in capfd.readouterr().err
+
+    assert run_cli(["resume", str(tmp_path / "nowhere")]) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert "checkpoint not found" in lines[0]
 
 
 def test_cli_missing_config_file_exits_2(tmp_path, capfd):

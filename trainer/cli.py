@@ -75,7 +75,7 @@ def _prepare_training():
 
 def _report(console, run, run_dir: Path) -> None:
     console.print(
-        f"run {run_dir}: {run.epoch} epochs, best validation loss {run.best_val_loss:.4f}, "
+        f"run {run_dir}: trained through epoch {run.epoch}, best validation loss {run.best_val_loss:.4f}, "
         f"checkpoints in {run.directory.checkpoints_dir}",
         markup=False,
         highlight=False,

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,8 +420,9 @@ class PanelInputs:
 
         self.vision_features: torch.Tensor | None = None
         self.text_features: torch.Tensor | None = None
+        self.feature_stats: list[FeatureStats] = []
         if vision_backbone.frozen:
-            self.vision_features = _cached_features(
+            self.vision_features, stats = _cached_features(
                 kind="vision",
                 backbone=vision_backbone,
                 hashes=[panel.image_hash for panel in panels],
@@ -431,8 +433,9 @@ class PanelInputs:
                 chunk_size=chunk_size,
                 progress=progress,
             )
+            self.feature_stats.append(stats)
         if text_backbone.frozen:
-            self.text_features = _cached_features(
+            self.text_features, stats = _cached_features(
                 kind="text",
                 backbone=text_backbone,
                 hashes=[panel.text_hash for panel in panels],
@@ -441,6 +444,7 @@ class PanelInputs:
                 chunk_size=chunk_size,
                 progress=progress,
             )
+            self.feature_stats.append(stats)
 
     def batch(self, page_indices: Sequence[int]) -> PanelBatch:
         """Collate the panels of the given pages, in the given page order."""
@@ -469,6 +473,18 @@ class PanelInputs:
         return batch
 
 
+@dataclass
+class FeatureStats:
+    """Feature counts and time for one frozen backbone: computed by the backbone or read from the cache."""
+
+    kind: str
+    backbone: str
+    # Distinct panel contents, and how many of them ran through the backbone (the rest came from the cache).
+    distinct: int
+    computed: int
+    seconds: float
+
+
 def _cached_features(
     kind: str,
     backbone,
@@ -477,12 +493,16 @@ def _cached_features(
     cache_dir: Path | None,
     chunk_size: int,
     progress: Callable[[str, int], Callable[[int], None]] | None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, FeatureStats]:
     """Return [panels, out_dim] float32 features on the CPU, running the backbone only on uncached content."""
+    started = time.perf_counter()
+    # The backbone hashes its weights to build the key, so it is read once.
+    cache_key = backbone.cache_key
+    name = getattr(backbone, "name", cache_key)
     cache_path = None
     known: dict[str, torch.Tensor] = {}
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{kind}-{_safe_name(backbone.cache_key)}.safetensors"
+        cache_path = Path(cache_dir) / f"{kind}-{_safe_name(cache_key)}.safetensors"
         known = _read_feature_cache(cache_path, backbone.out_dim)
 
     first_index: dict[str, int] = {}
@@ -492,7 +512,7 @@ def _cached_features(
     missing = list(first_index.values())
 
     if missing:
-        advance = progress(f"{kind} features ({backbone.cache_key})", len(missing)) if progress else None
+        advance = progress(f"{kind} features ({name})", len(missing)) if progress else None
         with torch.no_grad():
             for start in range(0, len(missing), chunk_size):
                 chunk = missing[start: start + chunk_size]
@@ -504,7 +524,8 @@ def _cached_features(
         if cache_path is not None:
             _write_feature_cache(cache_path, known)
 
-    return torch.stack([known[content_hash] for content_hash in hashes])
+    stats = FeatureStats(kind, name, len(set(hashes)), len(missing), time.perf_counter() - started)
+    return torch.stack([known[content_hash] for content_hash in hashes]), stats
 
 
 def _safe_name(cache_key: str) -> str:

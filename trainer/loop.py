@@ -26,7 +26,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from trainer.artifacts import CHECKPOINT_FORMAT, FORMAT_VERSION, RunDirectory, load_checkpoint
 from trainer.config import TrainConfig, TrainerError, config_from_dict, config_to_dict
-from trainer.data import PanelBatch, PanelDataset, PanelInputs, iterate_batches, load_dataset, split_pages
+from trainer.data import (
+    PanelBatch,
+    PanelDataset,
+    PanelInputs,
+    iterate_batches,
+    load_dataset,
+    skipped_summary,
+    split_pages,
+)
 from trainer.model import PanelEncoder
 from trainer.objectives import COMPONENTS, Objectives, ObjectiveOutput
 
@@ -82,6 +90,7 @@ def fit(
     directory = RunDirectory(run_dir)
     directory.prepare(overwrite)
     run = setup(config, directory, console)
+    report_setup(run)
     directory.write_run_info(run_info(run))
     directory.open_metrics()
     try:
@@ -99,6 +108,7 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
     checkpoint = load_checkpoint(directory.checkpoints_dir / "last.pt")
     config = config_from_dict(checkpoint["config"], source=str(directory.checkpoints_dir / "last.pt"))
     run = setup(config, directory, console, checkpoint=checkpoint)
+    report_setup(run)
     if checkpoint.get("dataset_fingerprint") != run.dataset.fingerprint:
         console.print(f"[yellow]warning:[/] {config.data.manifest}: dataset changed since the checkpoint was written")
 
@@ -550,6 +560,23 @@ def _progress(console: Console):
             return lambda count: progress.advance(task, count)
 
         yield start
+
+
+def report_setup(run: Run) -> None:
+    """Print one line about the data and one per frozen backbone whose features were loaded or computed."""
+    dataset = run.dataset
+    skipped = sum(dataset.skipped.values())
+    lines = [
+        f"data {dataset.manifest}: {len(dataset.pages)} pages ({len(run.train_pages)} train, {len(run.val_pages)} "
+        f"validation), {len(dataset.panels)} panels; skipped {skipped} records ({skipped_summary(dataset.skipped)})"
+    ]
+    for stats in run.inputs.feature_stats:
+        lines.append(
+            f"{stats.kind} features ({stats.backbone}, frozen): {stats.computed} computed, "
+            f"{stats.distinct - stats.computed} from the cache, {stats.seconds:.1f}s"
+        )
+    for line in lines:
+        run.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def epoch_summary(
