@@ -43,6 +43,7 @@ def make_dataset(tmp_path: Path) -> Path:
 def make_run(tmp_path: Path, *overrides: str) -> loop.Run:
     config = tiny_config(make_dataset(tmp_path), *overrides)
     directory = RunDirectory(tmp_path / "run")
+    directory.check_writable(overwrite=False)
     directory.prepare(overwrite=False)
     return loop.setup(config, directory, quiet_console())
 
@@ -272,6 +273,12 @@ def test_refuses_non_empty_run_directory(tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
+    # A run that fails during setup leaves the earlier run in place.
+    broken = tiny_config(make_dataset(tmp_path), "model.vision_backbone=resnet")
+    with pytest.raises(TrainerError, match="unknown vision backbone"):
+        loop.fit(broken, tmp_path / "run", overwrite=True, console=quiet_console())
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
 
 def test_nan_loss_stops_with_clear_error(tmp_path):
     run = make_run(tmp_path)
@@ -326,6 +333,7 @@ def test_cli_nothing_usable_exits_2(tmp_path, capfd):
     )
     config = write_config(tmp_path, manifest)
     assert run_cli(["fit", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert str(manifest) in lines[0]

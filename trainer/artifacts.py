@@ -92,17 +92,19 @@ class RunDirectory:
         self.run_json_path = self.path / "run.json"
         self._metrics = None
 
-    def prepare(self, overwrite: bool) -> None:
-        """Create the folders; raise TrainerError for a non-empty folder unless ``overwrite`` is set.
-
-        With ``overwrite`` the previous run's artifacts are deleted and other files (such as the
-        feature cache) are kept.
-        """
+    def check_writable(self, overwrite: bool) -> None:
+        """Raise TrainerError if the folder cannot take a new run: a file, or non-empty without ``overwrite``."""
         if self.path.exists() and not self.path.is_dir():
             raise TrainerError(f"{self.path}: exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if not overwrite:
-                raise TrainerError(f"{self.path}: run directory is not empty; pass --overwrite to replace its run")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise TrainerError(f"{self.path}: run directory is not empty; pass --overwrite to replace its run")
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create the folders. With ``overwrite``, first delete the previous run's artifacts.
+
+        Other files, such as the feature cache, are kept. Call ``check_writable`` first.
+        """
+        if overwrite:
             for name in RUN_ARTIFACTS:
                 target = self.path / name
                 if target.is_dir():

@@ -88,9 +88,11 @@ def fit(
     console = console or Console(stderr=True)
     _reject_distributed()
     directory = RunDirectory(run_dir)
-    directory.prepare(overwrite)
+    directory.check_writable(overwrite)
     run = setup(config, directory, console)
     report_setup(run)
+    # Old artifacts are deleted only now, so a config or data error leaves an earlier run intact.
+    directory.prepare(overwrite)
     directory.write_run_info(run_info(run))
     directory.open_metrics()
     try:
