@@ -226,6 +226,20 @@ def test_checkpoint_weights_only_rebuilds_model(tmp_path):
         assert torch.allclose(fused, handle.get_tensor("fused"), atol=1e-5)
 
 
+def test_embed_dataset_matches_epoch_file(tmp_path):
+    config = tiny_config(make_dataset(tmp_path), "optim.epochs=1")
+    run = loop.fit(config, tmp_path / "run", console=quiet_console())
+    embeddings, page_ids = loop.embed_dataset(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert page_ids == [f"p{page:03d}" for page in range(len(COUNTS))]
+    assert embeddings["fused"].shape == (sum(COUNTS), 32)
+
+    rows = [row for row, page in enumerate(embeddings["page"].tolist()) if page in run.val_pages]
+    with safe_open(str(tmp_path / "run" / "embeddings" / "epoch_0001.safetensors"), framework="pt") as handle:
+        for name in ("fused", "vision", "text"):
+            assert torch.allclose(embeddings[name][rows], handle.get_tensor(name), atol=1e-5), name
+        assert torch.equal(embeddings["has_text"][rows].to(torch.uint8), handle.get_tensor("has_text"))
+
+
 def test_fit_is_deterministic_on_cpu(tmp_path):
     manifest = make_dataset(tmp_path)
     runs = []

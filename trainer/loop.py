@@ -125,6 +125,48 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
     return run
 
 
+def embed_dataset(
+    checkpoint_path: str | Path, manifest: str | Path | None = None, device: str = "cpu", batch_size: int = 32
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Embed every usable page of a dataset with a checkpoint's model in eval mode.
+
+    The dataset is the checkpoint's own unless ``manifest`` names another one, and the checkpoint's data
+    settings (page types, panel cap) apply. Frozen-backbone features come from the configured cache, or
+    from the ``cache`` folder of the checkpoint's run directory. Returns ``fused``, ``vision`` and ``text`` [panels, D]
+    float32, ``page`` (index into the returned page ids) and ``has_text``, in the layout of the
+    per-epoch embedding files, plus the page ids.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = config_from_dict(checkpoint["config"], source=str(checkpoint_path))
+    if manifest is not None:
+        config.data.manifest = str(manifest)
+    torch_device = select_device(device)
+
+    dataset = load_dataset(config.data)
+    model, _ = build_model(config, torch_device)
+    model.load_checkpoint_state_dict(checkpoint["model_state_dict"])
+    model.eval()
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else None
+    run_dir = Path(checkpoint_path).resolve().parent.parent
+    if cache_dir is None and (run_dir / "cache").is_dir():
+        cache_dir = run_dir / "cache"
+    inputs = PanelInputs(dataset, model.vision_backbone, model.text_backbone, cache_dir, torch_device)
+
+    collected: dict[str, list[torch.Tensor]] = {"fused": [], "vision": [], "text": [], "page": [], "has_text": []}
+    with torch.no_grad():
+        for page_indices in iterate_batches(range(len(dataset.pages)), batch_size):
+            batch = inputs.batch(page_indices).to(torch_device)
+            with _autocast(torch_device):
+                embeddings = model(batch)
+            collected["fused"].append(embeddings.fused.float().cpu())
+            collected["vision"].append(embeddings.vision.float().cpu())
+            collected["text"].append(embeddings.text.float().cpu())
+            collected["page"].append(batch.dataset_page.cpu())
+            collected["has_text"].append(batch.has_text.cpu())
+    page_ids = [page.page_id for page in dataset.pages]
+    return {name: torch.cat(tensors) for name, tensors in collected.items()}, page_ids
+
+
 def _reject_distributed() -> None:
     # NOTE: torchrun / DistributedDataParallel is not implemented; one process trains on one device.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
