@@ -437,5 +437,111 @@ def baseline(paths, output, rules_path, epoch):
     click.echo(f"baseline of {kinds} written to {'stdout' if output == '-' else output}", err=True)
 
 
+# --------------------------------------------------------------------------------------------------
+# report and compare
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """Reject an output path that cannot be written before any slow work starts."""
+    from diagnose.io import InputError
+
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a directory")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{option} {path}: folder {folder} does not exist")
+
+
+def _progress_line(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _terminal_progress_line(message: str) -> None:
+    """Print a progress line only on a terminal, so that piped stderr keeps one line per error or warning."""
+    if sys.stderr.isatty():
+        click.echo(message, err=True)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Where to write the HTML report (one self-contained file).")
+@click.option("--json", "json_target", metavar="FILE", help="Also write the report/1 JSON document to FILE ('-' = stdout).")
+@click.option("--map", "map_method", type=click.Choice(["auto", "umap", "pca"]), default="auto", show_default=True,
+              help="2-D map method; auto uses UMAP from 30 points on and PCA below.")
+@click.option("--map-points", default=3000, show_default=True, type=click.IntRange(min=2),
+              help="Most panels per map; larger epochs are drawn from a seeded sample. The modality map "
+                   "draws each sampled panel up to three times (fused, vision, text).")
+@click.option("--histogram-pairs", default=20_000, show_default=True, type=click.IntRange(min=1),
+              help="Pairs of panels sampled (seeded) for each pairwise-cosine histogram.")
+@click.option("--no-retrieval", is_flag=True,
+              help="Skip vision/text retrieval, which ranks every panel against all others in every epoch.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every sample and of UMAP.")
+@handle_input_errors
+@show_warnings
+def report(path, output, json_target, map_method, map_points, histogram_pairs, no_retrieval, seed):
+    """Write a self-contained HTML report of PATH (a run directory, checkpoint or embedding file).
+
+    The report holds the verdict and key figures of the first, best and last epochs; per-epoch
+    trajectories of effective rank, std_l2 ratio, cosines, modality gap, recall@1/5 in both directions,
+    loss components and their zero share; singular-value spectra; pairwise-cosine histograms; UMAP maps
+    coloured by page and by modality (PCA below 30 points); and the loss-signal sparsity table. The best
+    epoch has the lowest validation loss in metrics.jsonl, else it is the epoch of checkpoints/best.pt.
+    The file has no script and no external address, so it opens offline.
+    """
+    from diagnose.render import render_report
+    from diagnose.report import ReportOptions, build_report, write_html
+    from diagnose.run_summary import summarize_run
+
+    _check_output_file(output, "-o")
+    summary = summarize_run(path, retrieval=not no_retrieval, seed=seed, progress=_terminal_progress_line)
+    options = ReportOptions(map_method=map_method, map_points=map_points, histogram_pairs=histogram_pairs, seed=seed)
+    page, document = build_report(summary, options, progress=_progress_line)
+    write_html(page, output, "-o")
+    document["output"] = str(output)
+
+    render_report(document, _stdout_console(json_target))
+    if json_target:
+        write_json(document, json_target)
+    click.echo(f"report written to {output} ({len(page.encode('utf-8')) / 1e6:.1f} MB)", err=True)
+
+
+@main.command()
+@click.argument("run_a", type=click.Path(path_type=Path), metavar="RUN_A")
+@click.argument("run_b", type=click.Path(path_type=Path), metavar="RUN_B")
+@click.option("--json", "json_target", metavar="FILE", help="Write the compare/1 JSON document to FILE ('-' = stdout).")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write a self-contained HTML page with the trajectories of both runs overlaid.")
+@click.option("--last-only", is_flag=True, help="Print only the last epochs in the terminal (the JSON has every epoch).")
+@click.option("--no-retrieval", is_flag=True, help="Skip vision/text retrieval in both runs.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampled metrics.")
+@handle_input_errors
+@show_warnings
+def compare(run_a, run_b, json_target, html_path, last_only, no_retrieval, seed):
+    """Compare two runs epoch by epoch: every key figure of both, and the change B - A.
+
+    RUN_A and RUN_B are run directories (or two checkpoints or embedding files, compared directly).
+    Epochs are matched by number; an epoch present in one run only is listed with the other side
+    empty. The last epochs (and the best epochs) of the two runs are also compared with each other.
+    """
+    from diagnose.compare import compare_html, compare_runs
+    from diagnose.render import render_compare
+    from diagnose.report import write_html
+    from diagnose.run_summary import summarize_run
+
+    if html_path is not None:
+        _check_output_file(html_path, "--html")
+    summary_a = summarize_run(run_a, retrieval=not no_retrieval, seed=seed)
+    summary_b = summarize_run(run_b, retrieval=not no_retrieval, seed=seed)
+    document = compare_runs(summary_a, summary_b)
+
+    render_compare(document, _stdout_console(json_target), last_only=last_only)
+    if json_target:
+        write_json(document, json_target)
+    if html_path is not None:
+        write_html(compare_html(document, summary_a, summary_b), html_path, "--html")
+        click.echo(f"comparison written to {html_path}", err=True)
+
+
 if __name__ == "__main__":
     main()

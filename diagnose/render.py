@@ -266,3 +266,101 @@ def _render_weights(weights: dict, console: Console) -> None:
             format_number(entry.get("top_singular_share")),
         )
     console.print(table)
+
+
+def _signed(value) -> str:
+    if value is None:
+        return "-"
+    text = format_number(value)
+    return text if text.startswith("-") or value == 0 else f"+{text}"
+
+
+def _delta_text(delta, better: int) -> str:
+    """Format a signed delta in green for a change for the better and in red for one for the worse."""
+    text = _signed(delta)
+    if delta is None or better == 0 or abs(delta) < 1e-12:
+        return text
+    return f"[green]{text}[/]" if delta * better > 0 else f"[red]{text}[/]"
+
+
+def render_report(document: dict, console: Console) -> None:
+    """Print the verdict of a report and the key figures of its first, best and last epochs."""
+    from rich.markup import escape
+
+    from diagnose.run_summary import key_metric_specs
+
+    rows = {row["epoch"]: row for row in document["epochs"]}
+    chosen = {}
+    if document["epochs"]:
+        chosen.setdefault(document["epochs"][0]["epoch"], []).append("first")
+    if document["best_epoch"] in rows:
+        chosen.setdefault(document["best_epoch"], []).append("best")
+    if document["last_epoch"] in rows:
+        chosen.setdefault(document["last_epoch"], []).append("last")
+    chosen = {epoch: roles for epoch, roles in sorted(chosen.items(), key=lambda item: (item[0] is None, item[0] or 0))}
+    components = list(document["sparsity"] or {})
+
+    table = Table(title=f"Report: {escape(document['source'])}", title_justify="left")
+    table.add_column("figure")
+    for epoch, roles in chosen.items():
+        name = f"epoch {epoch}" if epoch is not None else "file"
+        table.add_column(f"{name} ({', '.join(roles)})" if document["is_run"] else name, justify="right")
+    table.add_row("verdict", *(verdict_text(rows[epoch]["verdict"]) for epoch in chosen))
+    for spec in key_metric_specs(components):
+        values = [rows[epoch]["metrics"].get(spec.name) for epoch in chosen]
+        if any(value is not None for value in values):
+            table.add_row(spec.label, *(format_number(value) for value in values))
+    console.print(table)
+    if document["is_run"]:
+        first = document["first_collapsed_epoch"]
+        best = document["best_epoch"]
+        best_text = f"{best} ({document['best_epoch_reason']})" if best is not None else "unknown"
+        console.print(f"best epoch: {best_text}; first collapsed epoch: {first if first is not None else 'none'}")
+    console.print(f"verdict: {verdict_text(document['verdict'])}")
+
+
+def render_compare(document: dict, console: Console, *, last_only: bool = False) -> None:
+    """Print the last epochs of two runs side by side and, unless ``last_only``, every epoch, with B - A."""
+    from rich.markup import escape
+
+    definitions = document["metric_definitions"]
+    run_a, run_b = (escape(run) for run in document["runs"])
+    console.print(f"A: {run_a}\nB: {run_b}")
+
+    last = document["last"]
+    epochs = last["epoch"]
+    table = Table(title="Last epochs", title_justify="left")
+    table.add_column("figure")
+    table.add_column(f"A (epoch {epochs['a']})", justify="right")
+    table.add_column(f"B (epoch {epochs['b']})", justify="right")
+    table.add_column("B - A", justify="right")
+    table.add_row("verdict", verdict_text(last["verdict"]["a"]), verdict_text(last["verdict"]["b"]), "")
+    _add_compare_rows(table, last["metrics"], definitions)
+    console.print(table)
+
+    if not last_only:
+        table = Table(title="Every epoch (B - A)", title_justify="left")
+        for column in ("epoch", "figure", "A", "B", "B - A"):
+            table.add_column(column, justify="left" if column in ("epoch", "figure") else "right")
+        for entry in document["epochs"]:
+            only = "" if entry["present"] == "both" else f" (only {entry['present'].upper()})"
+            epoch = entry["epoch"] if entry["epoch"] is not None else "-"
+            table.add_row(f"{epoch}{only}", "verdict", verdict_text(entry["verdict"]["a"]),
+                          verdict_text(entry["verdict"]["b"]), "", end_section=False)
+            _add_compare_rows(table, entry["metrics"], definitions, first_column="")
+            table.add_section()
+        console.print(table)
+
+    best = document["best_epoch"]
+    console.print(f"best epoch: A {best['a'] if best['a'] is not None else '-'}, "
+                  f"B {best['b'] if best['b'] is not None else '-'}")
+
+
+def _add_compare_rows(table: Table, metrics: dict, definitions: dict, first_column: str | None = None) -> None:
+    for name, definition in definitions.items():
+        values = metrics.get(name)
+        if values is None or (values["a"] is None and values["b"] is None):
+            continue
+        cells = [definition["label"], format_number(values["a"]), format_number(values["b"]),
+                 _delta_text(values["delta"], definition["better"])]
+        table.add_row(*([first_column] if first_column is not None else []), *cells)
