@@ -124,7 +124,16 @@ def measure_collapse(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             label = f"{name}" if embedding_set.epoch is None else f"epoch {embedding_set.epoch} {name}"
-            results[name] = _stream_collapse(source, pages, thresholds, chunk_rows, seed, on_rows, label)
+            # Text-only embeddings of panels without text all encode the empty string: leave them out.
+            keep = embedding_set.has_text if name == "text" and embedding_set.text_item is None else None
+            if keep is not None and keep.sum() < 2:
+                raise InputError(
+                    f"{embedding_set.source}: only {int(keep.sum())} panel(s) have text; "
+                    "the text modality needs at least 2 (measure other modalities with --modality)"
+                )
+            results[name] = _stream_collapse(source, pages, thresholds, chunk_rows, seed, on_rows, label, keep)
+            if keep is not None:
+                results[name]["rows_without_text_excluded"] = int((~keep).sum())
         if pages is not None and results[name]["groups"] is None:
             warnings.warn(
                 f"{embedding_set.source}: no page holds two rows of {name!r}; intra-page cosine is undefined",
@@ -151,17 +160,28 @@ def _stream_collapse(
     seed: int,
     on_rows: RowsCallback | None,
     label: str = "",
+    keep: np.ndarray | None = None,
 ) -> dict:
+    """Stream one matrix through a collapse accumulator; ``keep`` (a row mask) selects the rows measured."""
+    kept_pages = pages if keep is None or pages is None else pages[keep]
     accumulator = CollapseAccumulator(
-        source.dim, seed=seed, page_last_row=None if pages is None else last_row_of_each_page(pages)
+        source.dim, seed=seed, page_last_row=None if kept_pages is None else last_row_of_each_page(kept_pages)
     )
     for start, block in source.chunks(chunk_rows):
         _check_finite(source, start, block)
-        accumulator.update(block, None if pages is None else pages[start: start + block.shape[0]])
+        block_pages = None if pages is None else pages[start: start + block.shape[0]]
+        if keep is not None:
+            block_keep = keep[start: start + block.shape[0]]
+            block = block[block_keep]
+            block_pages = None if block_pages is None else block_pages[block_keep]
+        accumulator.update(block, block_pages)
         if on_rows is not None:
             on_rows(label, start + block.shape[0], source.rows)
     if accumulator.needs_exact_gram():
-        accumulator.refine_gram(block for _, block in source.chunks(chunk_rows))
+        accumulator.refine_gram(
+            block if keep is None else block[keep[start: start + block.shape[0]]]
+            for start, block in source.chunks(chunk_rows)
+        )
     return accumulator.result(thresholds)
 
 

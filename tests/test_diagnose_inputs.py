@@ -187,3 +187,16 @@ def test_help_imports_no_heavy_library():
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == ""
+
+
+def test_text_modality_skips_panels_without_text(tmp_path, matrix):
+    has_text = np.ones(60, dtype=np.uint8)
+    has_text[::3] = 0
+    text = matrix.copy()
+    text[has_text == 0] = 1.0  # what an encoder gives every empty string
+    save_file({"fused": matrix, "text": text, "has_text": has_text}, str(tmp_path / "t.safetensors"))
+    document = collapse_document(tmp_path / "t.safetensors")
+    assert document["modalities"]["text"]["n"] == 40
+    assert document["modalities"]["text"]["rows_without_text_excluded"] == 20
+    expected = collapse_document(tmp_path / "t.safetensors", modalities=["fused"])["modalities"]["fused"]
+    assert document["modalities"]["fused"]["n"] == expected["n"] == 60
