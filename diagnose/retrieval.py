@@ -1013,7 +1013,7 @@ def bidirectional_retrieval(
         raise InputError(f"unknown index {index!r} (expected one of {', '.join(INDEXES)})")
     unknown = [scope for scope in scopes if scope not in SCOPES]
     if unknown or not scopes:
-        raise InputError(f"unknown scope {unknown[0] if unknown else '(none)'!r} (expected global, page or both)")
+        raise InputError(f"unknown scope {unknown[0] if unknown else '(none)'!r} (expected 'global', 'page' or both)")
     requested_ks = _validate_ks(ks)
     use_gpu, device_note = _resolve_device(device)
 

@@ -573,3 +573,19 @@ def test_cli_bad_input_exits_2(tmp_path):
     result = run_cli(str(unpaired), "-k", "1,x")
     assert result.exit_code == 2
     assert "comma-separated integers" in result.stderr
+
+
+def faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@pytest.mark.skipif(faiss_gpus() > 0, reason="FAISS sees a GPU, so there is no fallback to test")
+def test_gpu_request_without_gpu_falls_back_with_note():
+    vision, text, _ = paired_data(n_pages=8, seed=12)
+    result = bidirectional_retrieval(vision, text, scopes=["global"], device="gpu")
+    reference = bidirectional_retrieval(vision, text, scopes=["global"], device="cpu")
+    assert result["index"]["device"] == "cpu"
+    assert "no GPU" in result["index"]["note"]
+    assert result["directions"] == reference["directions"]
