@@ -861,18 +861,16 @@ def test_two_run_directories_rejected(tmp_path, fake_run):
     assert_input_error(result, "give at most one run directory")
 
 
-def test_document_without_builder_fails_its_rules(tmp_path, fake_run):
+def test_sparsity_rule_on_empty_log_exit_2(tmp_path, fake_run):
     rules = write_rules(tmp_path, RUN_RULES + """
 [[rule]]
 metric = "sparsity.components.alignment.zero_share"
 max = 0.5
 """)
 
-    result, gate = gate_json(tmp_path, fake_run, "--thresholds", rules, "--epoch", "0")
+    result = invoke("gate", fake_run, "--thresholds", rules, "--epoch", "0")
 
-    assert result.exit_code == 1
-    assert gate["rules"][3]["reason"] == "no builder for sparsity documents yet; pass its JSON file"
-    assert all(rule["passed"] for rule in gate["rules"][:3])
+    assert_input_error(result, "metrics.jsonl: the log is empty")
 
 
 @pytest.fixture
@@ -976,12 +974,12 @@ def test_baseline_from_run_then_gate(tmp_path, fake_run):
     assert "max_drop_pct 10" in later.output
 
 
-def test_baseline_of_run_without_builder_kinds_is_input_error(tmp_path, fake_run):
+def test_baseline_of_run_without_step_log_is_input_error(tmp_path, fake_run):
     rules = write_rules(tmp_path, '[[rule]]\nmetric = "sparsity.components.alignment.zero_share"\nmax_rise = 0.1\n')
 
     result = invoke("baseline", fake_run, "-o", tmp_path / "baseline.json", "--thresholds", rules)
 
-    assert_input_error(result, "cannot record the sparsity document", "no builder for sparsity documents yet")
+    assert_input_error(result, "metrics.jsonl: the log is empty, so there are no step records")
 
 
 def test_gather_rejects_input_error_from_builder(tmp_path):
@@ -1011,23 +1009,24 @@ def train(config_name, run_dir, epochs):
     return run_dir
 
 
-def test_bundled_rules_pass_default_run(tmp_path):
-    run = train("default.toml", tmp_path / "default", epochs=1)
+def test_bundled_rules_pass_default_run(tmp_path, bundled_run):
+    run = bundled_run("default.toml")
 
     result, gate = gate_json(tmp_path, run, "--thresholds", REPOSITORY / "configs" / "gate.toml")
 
     assert result.exit_code == 0, result.output
-    assert len(gate["rules"]) == 6
-    assert "gate: passed (6 rules)" in result.output
+    assert len(gate["rules"]) == 7
+    assert "gate: passed (7 rules)" in result.output
 
 
-def test_bundled_rules_fail_collapse_run(tmp_path):
-    run = train("collapse.toml", tmp_path / "collapse", epochs=1)
+def test_bundled_rules_fail_collapse_run(tmp_path, bundled_run):
+    run = bundled_run("collapse.toml")
 
     result, gate = gate_json(tmp_path, run, "--thresholds", REPOSITORY / "configs" / "gate.toml")
 
     assert result.exit_code == 1, result.output
     failed = {rule["name"] for rule in gate["rules"] if not rule["passed"]}
-    assert {"fused spread", "fused mean cosine", "pages stay apart", "vision spread"} <= failed
+    assert {"fused spread", "fused mean cosine", "pages stay apart", "vision spread", "verdict"} <= failed
+    assert "FAIL rule 7 (verdict)" in result.output
     assert "fused mean cosine" in result.output
     assert "above max 0.8" in result.output

@@ -63,18 +63,25 @@ def test_fixture_skip_counts_match_generator():
     assert all(labels[page_id] in KEPT_TYPES for page_id in kept_ids)
 
 
-def test_collapse_config_collapses(tmp_path):
+def test_collapse_config_collapses(bundled_run):
     collapse = load_config(REPO / "configs" / "collapse.toml", ["device=cpu"])
     default = load_config(REPO / "configs" / "default.toml", ["device=cpu"])
-    loop.fit(collapse, tmp_path / "collapse", console=quiet_console())
-    loop.fit(default, tmp_path / "default", console=quiet_console())
+    collapse_run, default_run = bundled_run("collapse.toml"), bundled_run("default.toml")
 
-    collapse_cosine, collapse_rank = fused_statistics(tmp_path / "collapse", collapse.optim.epochs)
-    default_cosine, default_rank = fused_statistics(tmp_path / "default", default.optim.epochs)
+    collapse_cosine, collapse_rank = fused_statistics(collapse_run, collapse.optim.epochs)
+    default_cosine, default_rank = fused_statistics(default_run, default.optim.epochs)
     assert collapse_cosine > 0.99
     assert collapse_rank < 3.0
     assert default_cosine < 0.8
     assert default_rank > 8.0
+
+    # The verdicts of `diagnose collapse` on the last checkpoints of both runs.
+    from diagnose.documents import collapse_document
+
+    collapsed = collapse_document(collapse_run / "checkpoints" / "last.pt")
+    healthy = collapse_document(default_run / "checkpoints" / "last.pt")
+    assert collapsed["verdict"] == "complete_collapse"
+    assert healthy["verdict"] == "healthy"
 
 
 @pytest.mark.slow
