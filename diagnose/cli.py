@@ -356,6 +356,71 @@ class _query_progress:
 
 
 # --------------------------------------------------------------------------------------------------
+# sparsity
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--batch-size", type=click.IntRange(min=1), metavar="PAGES",
+              help="Pages per batch to predict for. Default: optim.batch_size of the run or of --config.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="TOML",
+              help="Trainer config whose data settings (page filter, panel cap, split, sampler) apply. For a "
+                   "run directory it replaces the config in run.json.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key of --config or of the dataset's default config, as in `trainer fit --set`.")
+@click.option("--sampler", type=click.Choice(["random", "balanced"]),
+              help="Sampler to predict for. Default: data.sampler of the config.")
+@click.option("--method", type=click.Choice(["auto", "exact", "simulate"]), default="auto", show_default=True,
+              help="exact: closed form (random sampler only). simulate: run the trainer's sampler. "
+                   "auto: exact for random, simulate for balanced.")
+@click.option("--simulated-epochs", default=200, show_default=True, type=click.IntRange(min=2),
+              help="Epochs the simulation draws; its standard error shrinks as 1 / sqrt(epochs).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the simulation.")
+@click.option("--target", default=0.01, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Zero share that the suggested smallest batch size keeps every component under.")
+@click.option("--max-zero-share", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="A component is starved when its zero share is above this.")
+@click.option("--no-predict", is_flag=True, help="For a run directory, report the log only.")
+@click.option("--fail-on", type=click.Choice(["starved", "never"]), default="never", show_default=True,
+              help="'starved': exit 1 when a component is starved (observed, or predicted for a dataset).")
+@click.option("--json", "json_target", metavar="FILE", help="Write the sparsity/1 JSON document to FILE ('-' = stdout).")
+@handle_input_errors
+@show_warnings
+def sparsity(path, batch_size, config_path, overrides, sampler, method, simulated_epochs, seed, target,
+             max_zero_share, no_predict, fail_on, json_target):
+    """Measure how often each loss term had nothing to train on, or predict it from a dataset.
+
+    A term gives no signal in a step when its active count is below its minimum: contrastive and
+    reconstruction need a page with 2+ panels (active >= 1), alignment needs 2 panels with text
+    (active >= 2). PATH is a run directory or its metrics.jsonl: per component, the share of steps without
+    signal (zero share), the active-count distribution and the share of the weighted loss, overall and
+    per epoch. When run.json names a readable dataset, the prediction is shown next to it.
+
+    PATH may instead be a dataset, a manifest .csv or a trainer .toml config: the prediction only, from
+    panels per page and text presence of the train split, with the trainer's page filter, panel cap and
+    split. It gives each component's zero share and expected active count per step, and the smallest batch
+    size that keeps every zero share under --target.
+    """
+    from diagnose.render import render_sparsity
+    from diagnose.sparsity import PredictionRequest, sparsity_document
+
+    request = None
+    if not no_predict:
+        request = PredictionRequest(
+            batch_size=batch_size, config_path=config_path, overrides=tuple(overrides), sampler=sampler,
+            method=method, epochs=simulated_epochs, seed=seed, target=target,
+        )
+    document = sparsity_document(path, request, threshold=max_zero_share)
+
+    render_sparsity(document, _stdout_console(json_target))
+    if json_target:
+        write_json(document, json_target)
+    starved = document["starved"] if document["components"] else (document["predicted"] or {}).get("starved", [])
+    if fail_on == "starved" and starved:
+        sys.exit(EXIT_FAILED_CHECK)
+
+
+# --------------------------------------------------------------------------------------------------
 # gate and baseline
 
 

@@ -271,6 +271,16 @@ def build_retrieval_document(source: Path, epoch: int | None) -> dict:
     return _measure_epoch(retrieval_document, source, epoch)
 
 
+def build_sparsity_document(source: Path, epoch: int | None) -> dict:
+    """Summarise the ``sparsity/1`` document of a run's ``metrics.jsonl``: every step, or ``epoch``'s steps.
+
+    The prediction is added when the run's config names a readable dataset, as in ``diagnose sparsity``.
+    """
+    from diagnose.sparsity import PredictionRequest, sparsity_document
+
+    return sparsity_document(source, PredictionRequest(), epoch=epoch)
+
+
 def _measure_epoch(measure: Callable[..., dict], source: Path, epoch: int | None) -> dict:
     chosen_epoch, embedding_path = select_epoch(source, epoch)
     document = measure(embedding_path, all_epochs=False)
@@ -298,7 +308,7 @@ def select_epoch(source: Path, epoch: int | None) -> tuple[int | None, Path]:
 DOCUMENT_BUILDERS: dict[str, DocumentBuilder | None] = {
     "collapse": build_collapse_document,
     "retrieval": build_retrieval_document,
-    "sparsity": None,
+    "sparsity": build_sparsity_document,
 }
 
 

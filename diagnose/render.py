@@ -364,3 +364,107 @@ def _add_compare_rows(table: Table, metrics: dict, definitions: dict, first_colu
         cells = [definition["label"], format_number(values["a"]), format_number(values["b"]),
                  _delta_text(values["delta"], definition["better"])]
         table.add_row(*([first_column] if first_column is not None else []), *cells)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def render_sparsity(document: dict, console: Console) -> None:
+    """Print the observed sparsity table, observed against predicted, the per-epoch zero shares and
+    the prediction's summary lines."""
+    observed = document.get("components") or {}
+    predicted = document.get("predicted")
+    predicted_components = (predicted or {}).get("components") or {}
+    threshold = document.get("threshold")
+
+    if observed:
+        table = Table(title=f"Loss-signal sparsity: {document['source']}", title_justify="left")
+        for column in ("component", "steps", "zero share", "active min / median / p95 / max", "loss share", "status"):
+            table.add_column(column, justify="right" if column in ("steps", "zero share", "loss share") else "left")
+        for name, entry in observed.items():
+            active = entry["active"]
+            spread = " / ".join(format_number(active[key]) for key in ("min", "median", "p95", "max"))
+            status = "[red]starved[/]" if entry.get("starved") else "ok"
+            table.add_row(name, str(entry["steps"]), _percent(entry["zero_share"]), spread,
+                          _percent(entry["weighted_share"]), status)
+        console.print(table)
+    if observed and predicted_components:
+        table = Table(title="Observed and predicted", title_justify="left")
+        for column in ("component", "zero share", "predicted", "mean active", "predicted active"):
+            table.add_column(column, justify="left" if column == "component" else "right")
+        for name, entry in observed.items():
+            prediction = predicted_components.get(name)
+            table.add_row(name, _percent(entry["zero_share"]), _predicted_share(prediction),
+                          format_number(entry["active"].get("mean")),
+                          format_number(prediction["expected_active"] if prediction else None))
+        console.print(table)
+    if observed:
+        _render_sparsity_epochs(document.get("epochs") or [], console)
+    elif predicted_components:
+        table = Table(title=f"Predicted loss-signal sparsity: {document['source']}", title_justify="left")
+        for column in ("component", "zero share", "full batches", "last batch", "expected active", "status"):
+            table.add_column(column, justify="left" if column in ("component", "status") else "right")
+        for name, prediction in predicted_components.items():
+            table.add_row(
+                name, _predicted_share(prediction), _percent(prediction["zero_share_full_batch"]),
+                _percent(prediction["zero_share_last_batch"]), format_number(prediction["expected_active"]),
+                "[red]starved[/]" if prediction.get("starved") else "ok",
+            )
+        console.print(table)
+
+    if predicted:
+        _render_prediction_summary(predicted, console)
+    if observed and threshold is not None:
+        starved = document.get("starved") or []
+        verdict = f"[red]starved[/]: {', '.join(starved)}" if starved else "no component starved"
+        console.print(f"{verdict} (zero share above {_percent(threshold)})")
+
+
+def _predicted_share(prediction: dict | None) -> str:
+    if prediction is None:
+        return "-"
+    error = prediction.get("standard_error")
+    if error is None:
+        return _percent(prediction["zero_share"])
+    return f"{_percent(prediction['zero_share'])} ± {_percent(error)}"
+
+
+def _render_sparsity_epochs(epochs: list[dict], console: Console) -> None:
+    if len(epochs) < 2:
+        return
+    names = list(dict.fromkeys(name for epoch in epochs for name in epoch["components"]))
+    table = Table(title="Zero share per epoch", title_justify="left")
+    table.add_column("epoch", justify="right")
+    table.add_column("steps", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for epoch in epochs:
+        shares = [_percent((epoch["components"].get(name) or {}).get("zero_share")) for name in names]
+        table.add_row(str(epoch["epoch"]), str(epoch["steps"]), *shares)
+    console.print(table)
+
+
+def _pages(count: int) -> str:
+    return f"{count} page" if count == 1 else f"{count} pages"
+
+
+def _render_prediction_summary(predicted: dict, console: Console) -> None:
+    dataset = predicted["dataset"]
+    method = predicted["method"]
+    if predicted.get("simulation"):
+        simulation = predicted["simulation"]
+        method = f"simulation of {simulation['epochs']} epochs (seed {simulation['seed']}, ± one standard error)"
+    console.print(
+        f"prediction: {predicted['sampler']} sampler, {method}; batch size {predicted['batch_size']}, "
+        f"{predicted['steps_per_epoch']} steps per epoch (last batch: {_pages(predicted['last_batch_pages'])}); "
+        f"{dataset['train_pages']} train pages of {dataset['pages']} usable, "
+        f"{dataset['multi_panel_pages']} with 2+ panels, {dataset['train_text_panels']} panels with text",
+        markup=False, highlight=False,
+    )
+    search = predicted.get("min_batch_size") or {}
+    if search:
+        size = search.get("batch_size")
+        found = str(size) if size is not None else f"none up to {search.get('searched_up_to')}"
+        console.print(f"smallest batch size with every zero share under {_percent(search['target'])}: {found}",
+                      markup=False, highlight=False)

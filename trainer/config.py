@@ -55,6 +55,13 @@ class DataConfig:
     seed: int = 0
     # Frozen-backbone feature cache; None means <run dir>/cache.
     cache_dir: str | None = None
+    # "random": shuffled pages cut into batches. "balanced": every batch gets at least the minimums
+    # below where the train split allows it (trainer.sampler).
+    sampler: str = "random"
+    # Pages with at least 2 panels per batch (the contrastive and reconstruction terms need one).
+    min_multi_panel_pages: int = 2
+    # Panels with text per batch (the alignment term needs 2).
+    min_text_panels: int = 2
 
 
 @dataclass
@@ -91,6 +98,9 @@ class ObjectivesConfig:
     symmetric_alignment: bool = True
     eval_in_validation: bool = True
     seeded_validation_mask: bool = True
+    # Every K optimiser steps, log each weighted component's gradient norm on the model's parameters
+    # (one extra backward pass per component); 0 turns the probe off.
+    grad_probe_every: int = 0
 
 
 @dataclass
@@ -131,6 +141,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.clip_all_params": False,
     },
 }
+
+# Batch samplers of the train split (data.sampler).
+SAMPLERS = ("random", "balanced")
 
 # Keys holding file paths, resolved against the config file's folder.
 PATH_KEYS = ("data.manifest", "data.cache_dir")
@@ -352,6 +365,9 @@ def validate_config(config: TrainConfig, source: str = "config") -> None:
         ("data.manifest", bool(config.data.manifest), "a path to the manifest CSV"),
         ("data.max_panels", config.data.max_panels >= 1, "at least 1"),
         ("data.val_fraction", 0.0 < config.data.val_fraction < 1.0, "between 0 and 1 (exclusive)"),
+        ("data.sampler", config.data.sampler in SAMPLERS, " or ".join(SAMPLERS)),
+        ("data.min_multi_panel_pages", config.data.min_multi_panel_pages >= 0, "zero or more"),
+        ("data.min_text_panels", config.data.min_text_panels >= 0, "zero or more"),
         ("model.dim", config.model.dim >= 1, "at least 1"),
         ("model.projection_hidden", config.model.projection_hidden >= 1, "at least 1"),
         ("model.layout_hidden", config.model.layout_hidden >= 1, "at least 1"),
@@ -359,6 +375,7 @@ def validate_config(config: TrainConfig, source: str = "config") -> None:
         ("objectives.temperature", _positive(config.objectives.temperature), "a positive number"),
         ("objectives.reconstruction_hidden", config.objectives.reconstruction_hidden >= 1, "at least 1"),
         ("objectives.reconstruction_dropout", 0.0 <= config.objectives.reconstruction_dropout < 1.0, "in [0, 1)"),
+        ("objectives.grad_probe_every", config.objectives.grad_probe_every >= 0, "zero (off) or more steps"),
         ("optim.lr", _positive(config.optim.lr), "a positive number"),
         ("optim.weight_decay", config.optim.weight_decay >= 0.0, "zero or more"),
         ("optim.epochs", config.optim.epochs >= 1, "at least 1"),

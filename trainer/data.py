@@ -60,7 +60,8 @@ class DataError(TrainerError):
 
 @dataclass
 class Panel:
-    image: Image.Image
+    # None when the dataset was loaded with ``load_images=False``; ``image_hash`` is then empty.
+    image: Image.Image | None
     text: str
     # aspect ratio w/h, area ratio panel/page, three reserved zeros, centre x / W, centre y / H
     layout: tuple[float, ...]
@@ -111,12 +112,18 @@ class _SkipRecord(Exception):
 # Loading
 
 
-def load_dataset(config: DataConfig) -> PanelDataset:
-    """Read the manifest and every page it lists; skip bad records and count them per reason."""
+def load_dataset(config: DataConfig, load_images: bool = True) -> PanelDataset:
+    """Read the manifest and every page it lists; skip bad records and count them per reason.
+
+    With ``load_images=False`` no page image is decoded: panels carry their text and layout but no
+    crop. Every skip rule still applies, and an image only has its header read (format and size).
+    So the pages, panels and fingerprint match a full load, except for an image whose header is valid
+    but whose pixel data is truncated or corrupt, which a full load skips as ``unreadable_image``.
+    """
     manifest = Path(config.manifest)
     rows, manifest_bytes = _read_manifest(manifest)
     labels, labels_bytes = _read_labels(manifest, config)
-    reader = _PageReader(manifest, labels, set(config.page_types), config.max_panels)
+    reader = _PageReader(manifest, labels, set(config.page_types), config.max_panels, load_images)
     reader.digest.update(manifest_bytes)
     reader.digest.update(labels_bytes)
 
@@ -195,11 +202,14 @@ def _read_labels(manifest: Path, config: DataConfig) -> tuple[dict[str, str], by
 class _PageReader:
     """Reads one manifest row into a Page, raising _SkipRecord with the first problem found."""
 
-    def __init__(self, manifest: Path, labels: dict[str, str], kept_types: set[str], max_panels: int):
+    def __init__(
+        self, manifest: Path, labels: dict[str, str], kept_types: set[str], max_panels: int, load_images: bool = True
+    ):
         self.folder = manifest.parent
         self.labels = labels
         self.kept_types = kept_types
         self.max_panels = max_panels
+        self.load_images = load_images
         self.digest = hashlib.sha256()
 
     def read(self, line: int, row: dict[str, str], page_id: str, page_index: int) -> Page:
@@ -242,7 +252,8 @@ class _PageReader:
             raise _SkipRecord("missing_image", f"{image_path} not found")
         try:
             with Image.open(image_path) as opened:
-                image = opened.convert("RGB")
+                # Image.open reads only the header; convert() decodes the pixels.
+                image = opened.convert("RGB") if self.load_images else None
         except (OSError, Image.DecompressionBombError) as error:
             raise _SkipRecord("unreadable_image", f"{image_path}: {error}") from None
 
@@ -294,9 +305,14 @@ def _is_number(value: object) -> bool:
 
 
 def _make_panel(
-    image: Image.Image, box: tuple[float, ...], text: str, width: float, height: float, page_index: int
+    image: Image.Image | None, box: tuple[float, ...], text: str, width: float, height: float, page_index: int
 ) -> Panel:
     x, y, w, h = box
+    layout = (w / h, (w * h) / (width * height), 0.0, 0.0, 0.0, (x + w / 2) / width, (y + h / 2) / height)
+    text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if image is None:
+        return Panel(None, text, layout, page_index, bool(text.strip()), "", text_hash)
+
     # The annotation may describe the page at another resolution than the stored image.
     scale_x = image.width / width
     scale_y = image.height / height
@@ -305,10 +321,7 @@ def _make_panel(
     right = max(int(round((x + w) * scale_x)), left + 1)
     bottom = max(int(round((y + h) * scale_y)), top + 1)
     crop = image.crop((left, top, right, bottom))
-
-    layout = (w / h, (w * h) / (width * height), 0.0, 0.0, 0.0, (x + w / 2) / width, (y + h / 2) / height)
     image_hash = hashlib.sha256(f"{crop.mode}:{crop.width}x{crop.height}:".encode() + crop.tobytes()).hexdigest()
-    text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return Panel(crop, text, layout, page_index, bool(text.strip()), image_hash, text_hash)
 
 

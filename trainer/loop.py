@@ -37,6 +37,7 @@ from trainer.data import (
 )
 from trainer.model import PanelEncoder
 from trainer.objectives import COMPONENTS, Objectives, ObjectiveOutput
+from trainer.sampler import BalancedBatchSampler, page_signal_counts
 
 # Offsets of the generator seeds from config.seed, so the streams differ from each other and from
 # the model initialisation.
@@ -69,6 +70,8 @@ class Run:
     shuffle_generator: torch.Generator
     mask_generator: torch.Generator
     inputs: PanelInputs | None = None
+    # None draws batches with iterate_batches and shuffle_generator (data.sampler = "random").
+    sampler: BalancedBatchSampler | None = None
     backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Last completed epoch and optimiser steps so far.
     epoch: int = 0
@@ -203,6 +206,7 @@ def setup(
         scheduler=scheduler,
         shuffle_generator=torch.Generator().manual_seed(config.seed + SHUFFLE_SEED_OFFSET),
         mask_generator=torch.Generator().manual_seed(config.seed + MASK_SEED_OFFSET),
+        sampler=build_sampler(config, dataset, train_pages),
     )
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint)
@@ -214,6 +218,23 @@ def setup(
     with _progress(console) as progress:
         run.inputs = PanelInputs(dataset, model.vision_backbone, model.text_backbone, cache_dir, device, progress)
     return run
+
+
+def build_sampler(config: TrainConfig, dataset: PanelDataset, train_pages: list[int]) -> BalancedBatchSampler | None:
+    """Return the balanced sampler when ``data.sampler`` selects it, else None (plain shuffling)."""
+    if config.data.sampler != "balanced":
+        return None
+    panel_counts, text_counts = page_signal_counts(dataset, train_pages)
+    # Its batches depend only on this seed and the epoch number.
+    return BalancedBatchSampler(
+        train_pages,
+        panel_counts,
+        text_counts,
+        config.optim.batch_size,
+        min_multi_panel_pages=config.data.min_multi_panel_pages,
+        min_text_panels=config.data.min_text_panels,
+        seed=config.seed + SHUFFLE_SEED_OFFSET,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -341,7 +362,7 @@ def train(run: Run) -> None:
 
 def train_epoch(run: Run, epoch: int) -> list[dict[str, Any]]:
     records = []
-    batches = list(iterate_batches(run.train_pages, run.config.optim.batch_size, run.shuffle_generator))
+    batches = epoch_batches(run, epoch)
     with _progress(run.console) as progress:
         advance = progress(f"epoch {epoch}/{run.config.optim.epochs}", len(batches))
         for page_indices in batches:
@@ -351,6 +372,14 @@ def train_epoch(run: Run, epoch: int) -> list[dict[str, Any]]:
             records.append(record)
             advance(1)
     return records
+
+
+def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
+    """Return the page indices of each train batch of ``epoch``, from the configured sampler."""
+    if run.sampler is None:
+        return list(iterate_batches(run.train_pages, run.config.optim.batch_size, run.shuffle_generator))
+    run.sampler.set_epoch(epoch)
+    return list(run.sampler)
 
 
 def train_step(run: Run, batch: PanelBatch, epoch: int) -> dict[str, Any]:
@@ -368,6 +397,8 @@ def train_step(run: Run, batch: PanelBatch, epoch: int) -> dict[str, Any]:
             f"loss became {float(output.total.detach())} at epoch {epoch}, step {run.step + 1} "
             f"({_component_text(output.component_record())}); lower optim.lr or raise objectives.temperature"
         )
+    probe_every = config.objectives.grad_probe_every
+    grad_norms = component_grad_norms(model, output) if probe_every and (run.step + 1) % probe_every == 0 else {}
     output.total.backward()
 
     # The logged norm covers every optimised parameter, whichever set the clipping covers.
@@ -380,7 +411,30 @@ def train_step(run: Run, batch: PanelBatch, epoch: int) -> dict[str, Any]:
     run.optimizer.step()
     run.scheduler.step()
     run.step += 1
-    return step_record(epoch, run.step, output, lr, grad_norm, batch)
+    record = step_record(epoch, run.step, output, lr, grad_norm, batch)
+    for name, norm in grad_norms.items():
+        record["components"][name]["grad_norm"] = norm
+    return record
+
+
+def component_grad_norms(model: PanelEncoder, output: ObjectiveOutput) -> dict[str, float]:
+    """Return the L2 norm of each weighted component's gradient on the model's trainable parameters.
+
+    Each component gets its own backward pass through the retained graph. ``torch.autograd.grad``
+    returns the gradients instead of accumulating them into ``.grad``, so the training step that follows
+    is unchanged. The objectives' reconstruction head is left out, because only one component reaches it.
+    A component with no signal has a gradient of exactly 0.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    norms = {}
+    for name, result in output.components.items():
+        weighted = result.weight * result.value
+        if not weighted.requires_grad:
+            norms[name] = 0.0
+            continue
+        gradients = torch.autograd.grad(weighted, parameters, retain_graph=True, allow_unused=True)
+        norms[name] = float(torch.nn.utils.get_total_norm([g for g in gradients if g is not None]))
+    return norms
 
 
 def step_record(
