@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ENTROPY_EPSILON = 1e-7
-PRODUCT_ROWS = 4096
+PRODUCT_ROWS = 32_768
 VERDICT_ORDER = ("healthy", "group_collapse", "dimensional_collapse", "complete_collapse")
 
 
@@ -67,6 +67,14 @@ class VerdictThresholds:
     complete_mean_cosine: float = 0.95
     min_rank_ratio: float = 0.1
     group_intra_cosine: float = 0.9
+
+
+class NonFiniteRowError(ValueError):
+    """A row holds NaN or infinite values (or squares that overflow); ``row`` is its global index."""
+
+    def __init__(self, row: int):
+        super().__init__(f"row {row} has NaN or infinite values")
+        self.row = row
 
 
 class CollapseAccumulator:
@@ -127,11 +135,16 @@ class CollapseAccumulator:
         # so float32 rounding stays near sqrt(PRODUCT_ROWS) * 6e-8 relative (an estimate).
         # needs_exact_gram() tells when the spectrum reaches down to that rounding.
         self._spectra_cache = None
-        self.gram += (block.T @ block).astype(np.float64)
-        self.col_sum += block.sum(axis=0, dtype=np.float64)
-
+        ones = np.ones(block.shape[0], dtype=block.dtype)
         squares = block * block
-        norms = np.sqrt(squares.sum(axis=1, dtype=np.float64))
+        norms = np.sqrt((squares @ np.ones(block.shape[1], dtype=block.dtype)).astype(np.float64))
+        # A NaN or infinite entry makes its row's norm non-finite, so this check costs no extra pass.
+        if not np.isfinite(norms).all():
+            first_bad = int(np.argmin(np.isfinite(norms)))
+            raise NonFiniteRowError(self.row_offset + self.n + first_bad)
+        self.gram += (block.T @ block).astype(np.float64)
+        self.col_sum += (ones @ block).astype(np.float64)
+
         nonzero = norms > 0
         inverse_norms = np.divide(1.0, norms, out=np.zeros_like(norms), where=nonzero).astype(block.dtype)
         self.unit_rows += int(nonzero.sum())

@@ -16,6 +16,7 @@ import numpy as np
 
 from diagnose.collapse import (
     CollapseAccumulator,
+    NonFiniteRowError,
     PairAccumulator,
     VerdictThresholds,
     entropy_rank,
@@ -168,13 +169,20 @@ def _stream_collapse(
         source.dim, seed=seed, page_last_row=None if kept_pages is None else last_row_of_each_page(kept_pages)
     )
     for start, block in source.chunks(chunk_rows):
-        _check_finite(source, start, block)
         block_pages = None if pages is None else pages[start: start + block.shape[0]]
         if keep is not None:
             block_keep = keep[start: start + block.shape[0]]
             block = block[block_keep]
             block_pages = None if block_pages is None else block_pages[block_keep]
-        accumulator.update(block, block_pages)
+        try:
+            accumulator.update(block, block_pages)
+        except NonFiniteRowError:
+            raw = source.read(start, min(start + chunk_rows, source.rows))
+            _check_finite(source, start, raw)
+            raise InputError(
+                f"{source.path}: array {source.name!r} has values whose squares overflow float32 "
+                f"in rows {start} to {start + len(raw) - 1}; rescale the embeddings"
+            ) from None
         if on_rows is not None:
             on_rows(label, start + block.shape[0], source.rows)
     if accumulator.needs_exact_gram():

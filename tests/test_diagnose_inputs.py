@@ -200,3 +200,10 @@ def test_text_modality_skips_panels_without_text(tmp_path, matrix):
     assert document["modalities"]["text"]["rows_without_text_excluded"] == 20
     expected = collapse_document(tmp_path / "t.safetensors", modalities=["fused"])["modalities"]["fused"]
     assert document["modalities"]["fused"]["n"] == expected["n"] == 60
+
+
+def test_overflowing_rows(tmp_path, matrix):
+    huge = matrix.copy()
+    huge[9] = 3e30  # finite in float32, but its square is not
+    np.save(tmp_path / "huge.npy", huge)
+    assert_input_error(run_collapse(tmp_path / "huge.npy"), "overflow")
