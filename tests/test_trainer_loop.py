@@ -294,12 +294,16 @@ def test_refuses_non_empty_run_directory(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
-def test_nan_loss_stops_with_clear_error(tmp_path):
+def test_nan_loss_step_is_skipped(tmp_path):
     run = make_run(tmp_path)
     with torch.no_grad():
         run.model.fusion.norm.weight.fill_(float("nan"))
-    with pytest.raises(loop.TrainingDiverged, match="loss became nan at epoch 1, step 1"):
-        loop.train_step(run, run.inputs.batch(run.train_pages[:2]), epoch=1)
+    before = run.model.layout_encoder[0].weight.detach().clone()
+    record = loop.train_step(run, run.inputs.batch(run.train_pages[:2]), epoch=1)
+    assert record["skipped"] is True
+    assert record["reason"] == "nonfinite_loss"
+    assert record["skipped_steps"] == 1
+    assert torch.equal(run.model.layout_encoder[0].weight, before)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,15 +10,25 @@ Layout::
 
 Whole files are written to a temporary name in their folder, fsynced and renamed into place, so a
 reader never sees a half-written file. ``metrics.jsonl`` is the exception: it is appended one line
-at a time and flushed after every line.
+at a time and flushed after every line, so a killed run can leave a torn last line, which a resumed
+run removes together with the records written after its checkpoint.
+
+Under torchrun only rank 0 writes: the other ranks hold a ``RunDirectory`` with ``writer=False``,
+whose write methods do nothing.
+
+The environment variable ``COLLAPSE_TOOLKIT_CRASH_IN_CHECKPOINT=N`` makes the process kill itself
+with SIGKILL in the middle of writing the checkpoint of epoch N (after the temporary file is
+written, before it is renamed). Tests use it to check that such a run resumes without loss.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +42,9 @@ CHECKPOINT_FORMAT = "collapse-toolkit/checkpoint"
 FORMAT_VERSION = 1
 # Files and folders that a run owns; --overwrite deletes only these and keeps the feature cache.
 RUN_ARTIFACTS = ("run.json", "metrics.jsonl", "embeddings", "checkpoints")
+CRASH_IN_CHECKPOINT_VARIABLE = "COLLAPSE_TOOLKIT_CRASH_IN_CHECKPOINT"
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -82,10 +95,11 @@ def checkpoint_name(epoch: int) -> str:
 
 
 class RunDirectory:
-    """Writes the artifacts of one training run."""
+    """Writes the artifacts of one training run; with ``writer=False`` every write method does nothing."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
         self.embeddings_dir = self.path / "embeddings"
         self.checkpoints_dir = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -104,6 +118,8 @@ class RunDirectory:
 
         Other files, such as the feature cache, are kept. Call ``check_writable`` first.
         """
+        if not self.writer:
+            return
         if overwrite:
             for name in RUN_ARTIFACTS:
                 target = self.path / name
@@ -118,7 +134,8 @@ class RunDirectory:
     # run.json and metrics.jsonl
 
     def write_run_info(self, info: dict[str, Any]) -> None:
-        write_json(self.run_json_path, info)
+        if self.writer:
+            write_json(self.run_json_path, info)
 
     def read_run_info(self) -> dict[str, Any]:
         try:
@@ -126,28 +143,52 @@ class RunDirectory:
         except (OSError, json.JSONDecodeError) as error:
             raise TrainerError(f"{self.run_json_path}: cannot read run information ({error})") from None
 
-    def open_metrics(self, keep_through_epoch: int | None = None) -> None:
+    def open_metrics(self, keep_through_epoch: int | None = None, keep_through_step: int | None = None) -> None:
         """Open ``metrics.jsonl`` for appending.
 
-        With ``keep_through_epoch`` (a resumed run) the records of later epochs, written after the last
-        checkpoint, are dropped first so that no step appears twice.
+        A resumed run passes its checkpoint's epoch and step. Records of later epochs or later steps,
+        written after that checkpoint, are dropped first, so that no step appears twice, and so is a
+        line that is not a JSON object (the torn last line of a killed run).
         """
+        if not self.writer:
+            return
         if keep_through_epoch is not None and self.metrics_path.exists():
             kept_lines = []
+            dropped = 0
             for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if int(record.get("epoch", 0)) <= keep_through_epoch:
+                if _keeps_record(line, keep_through_epoch, keep_through_step):
                     kept_lines.append(line)
+                else:
+                    dropped += 1
+            if dropped:
+                log.info("%s: dropped %d records written after the checkpoint", self.metrics_path, dropped)
             with atomic_write(self.metrics_path) as temporary:
                 temporary.write_text("".join(line + "\n" for line in kept_lines), encoding="utf-8")
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")
 
     def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
         self._metrics.flush()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files that a killed run left in the run folder; return their paths.
+
+        Only the run's own folders are cleaned. The feature cache may be shared with runs that are
+        writing right now.
+        """
+        if not self.writer:
+            return []
+        removed = []
+        for folder in (self.path, self.embeddings_dir, self.checkpoints_dir):
+            if not folder.is_dir():
+                continue
+            for stale in folder.glob(".*.tmp-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+                    removed.append(stale)
+        return removed
 
     def close(self) -> None:
         if self._metrics is not None:
@@ -171,6 +212,9 @@ class RunDirectory:
         """Write one epoch's embeddings and page-id sidecar; return the file's path relative to the run."""
         from safetensors.torch import save_file
 
+        name = embeddings_name(epoch)
+        if not self.writer:
+            return f"embeddings/{name}"
         tensors = {
             "fused": fused.detach().float().cpu().contiguous(),
             "vision": vision.detach().float().cpu().contiguous(),
@@ -180,7 +224,6 @@ class RunDirectory:
             "has_text": has_text.detach().to(torch.uint8).cpu().contiguous(),
         }
         metadata = {"format": EMBEDDINGS_FORMAT, "version": str(FORMAT_VERSION), "epoch": str(epoch), "split": split}
-        name = embeddings_name(epoch)
         with atomic_write(self.embeddings_dir / name) as temporary:
             save_file(tensors, str(temporary), metadata=metadata)
         write_json(self.embeddings_dir / name.replace(".safetensors", ".pages.json"), page_ids)
@@ -189,12 +232,28 @@ class RunDirectory:
     def save_checkpoint(self, checkpoint: dict[str, Any], is_best: bool) -> Path:
         """Write ``epoch_NNNN.pt`` and ``last.pt``, and ``best.pt`` when ``is_best``; return the epoch file."""
         epoch_path = self.checkpoints_dir / checkpoint_name(int(checkpoint["epoch"]))
+        if not self.writer:
+            return epoch_path
         with atomic_write(epoch_path) as temporary:
             torch.save(checkpoint, temporary)
+            if os.environ.get(CRASH_IN_CHECKPOINT_VARIABLE) == str(checkpoint["epoch"]):
+                os.kill(os.getpid(), signal.SIGKILL)
         targets = ["last.pt"] + (["best.pt"] if is_best else [])
         for name in targets:
             _link_or_copy(epoch_path, self.checkpoints_dir / name)
         return epoch_path
+
+
+def _keeps_record(line: str, last_epoch: int, last_step: int | None) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(record, dict):
+        return False
+    if int(record.get("epoch", 0)) > last_epoch:
+        return False
+    return last_step is None or int(record.get("step", 0)) <= last_step
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -1,11 +1,16 @@
 """The ``trainer`` command: fit a run from a TOML config, resume it, or print the resolved config.
 
-Exit status: 0 on success, 1 when training diverged (the loss became NaN or infinite), 2 for a bad
-config, dataset, run directory or usage, with a one-line reason on stderr and no traceback.
+Exit status: 0 on success, 1 when training diverged, 2 for a bad config, dataset, run directory or
+usage, with a one-line reason on stderr and no traceback. Training diverges when
+``optim.max_bad_steps_in_a_row`` steps in a row have a NaN or infinite loss or gradient.
+
+Under ``torchrun`` (``torchrun --nproc_per_node N -m trainer fit ...``) every rank runs the command;
+rank 0 prints and writes the run, and errors of the other ranks name their rank.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,16 +47,20 @@ def fit(config_path: Path, run_dir: Path, overrides: tuple[str, ...], overwrite:
     config = load_config(config_path, overrides)
     loop, console = _prepare_training()
     run = loop.fit(config, run_dir, overwrite=overwrite, console=console)
-    _report(console, run, run_dir)
+    _report(run, run_dir)
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def resume(run_dir: Path) -> None:
-    """Continue RUN_DIR from checkpoints/last.pt up to its configured number of epochs."""
+    """Continue RUN_DIR from checkpoints/last.pt up to its configured number of epochs.
+
+    Optimiser, scheduler, sampler and RNG states come from the checkpoint, and metrics.jsonl records
+    written after it are dropped, so the finished run matches an uninterrupted one.
+    """
     loop, console = _prepare_training()
     run = loop.resume(run_dir, console=console)
-    _report(console, run, run_dir)
+    _report(run, run_dir)
 
 
 @cli.command("show-config")
@@ -73,8 +82,9 @@ def _prepare_training():
     return loop, Console(stderr=True)
 
 
-def _report(console, run, run_dir: Path) -> None:
-    console.print(
+def _report(run, run_dir: Path) -> None:
+    # run.console prints nothing on the ranks after the first under torchrun.
+    run.console.print(
         f"run {run_dir}: trained through epoch {run.epoch}, best validation loss {run.best_val_loss:.4f}, "
         f"checkpoints in {run.directory.checkpoints_dir}",
         markup=False,
@@ -96,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("trainer: aborted", err=True)
         sys.exit(130)
     except TrainerError as error:
-        click.echo(f"trainer: error: {error}", err=True)
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+        prefix = "trainer" if rank == "0" else f"trainer (rank {rank})"
+        click.echo(f"{prefix}: error: {error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("trainer: interrupted", err=True)

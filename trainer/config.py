@@ -55,6 +55,11 @@ class DataConfig:
     seed: int = 0
     # Frozen-backbone feature cache; None means <run dir>/cache.
     cache_dir: str | None = None
+    # False runs frozen backbones on every step instead of once per panel (for benchmarks).
+    cache_features: bool = True
+    # Processes that build batches: None picks 4 (at most) when a batch needs image preprocessing on
+    # CUDA, else 0 (batches are built in the training process).
+    num_workers: int | None = None
     # "random": shuffled pages cut into batches. "balanced": every batch gets at least the minimums
     # below where the train split allows it (trainer.sampler).
     sampler: str = "random"
@@ -76,6 +81,8 @@ class ModelConfig:
     projection_hidden: int = 256
     layout_hidden: int = 64
     dropout: float = 0.1
+    # Compile the projections, the fusion and a trainable vision backbone with torch.compile.
+    compile: bool = False
 
 
 @dataclass
@@ -98,6 +105,9 @@ class ObjectivesConfig:
     symmetric_alignment: bool = True
     eval_in_validation: bool = True
     seeded_validation_mask: bool = True
+    # Under torchrun, compute the objectives over the embeddings of every rank's pages, so that
+    # negatives come from the whole global batch (trainer.distributed).
+    gather: bool = False
     # Every K optimiser steps, log each weighted component's gradient norm on the model's parameters
     # (one extra backward pass per component); 0 turns the probe off.
     grad_probe_every: int = 0
@@ -116,6 +126,19 @@ class OptimConfig:
     warmup_fraction: float = 0.05
     # The cosine schedule decays to lr * min_lr_ratio.
     min_lr_ratio: float = 0.1
+    # A step with a non-finite loss or gradient is skipped; this many in a row stop the run.
+    max_bad_steps_in_a_row: int = 5
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests of the step guard; leave unset in real runs."""
+
+    # Make the loss (nan_in = "loss") or one gradient (nan_in = "gradient") NaN at optimiser steps
+    # nan_at_step .. nan_at_step + nan_steps - 1, counted from 1 as in metrics.jsonl.
+    nan_at_step: int | None = None
+    nan_steps: int = 1
+    nan_in: str = "loss"
 
 
 @dataclass
@@ -124,6 +147,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0
     # "auto" picks CUDA when torch detects a GPU, else CPU; "cpu", "cuda" and "cuda:N" force a device.
     device: str = "auto"
@@ -383,6 +407,11 @@ def validate_config(config: TrainConfig, source: str = "config") -> None:
         ("optim.grad_clip", config.optim.grad_clip >= 0.0 and math.isfinite(config.optim.grad_clip), "zero or more"),
         ("optim.warmup_fraction", 0.0 <= config.optim.warmup_fraction < 1.0, "in [0, 1)"),
         ("optim.min_lr_ratio", 0.0 <= config.optim.min_lr_ratio <= 1.0, "in [0, 1]"),
+        ("optim.max_bad_steps_in_a_row", config.optim.max_bad_steps_in_a_row >= 1, "at least 1"),
+        ("data.num_workers", config.data.num_workers is None or config.data.num_workers >= 0, "zero or more"),
+        ("debug.nan_at_step", config.debug.nan_at_step is None or config.debug.nan_at_step >= 1, "at least 1"),
+        ("debug.nan_steps", config.debug.nan_steps >= 1, "at least 1"),
+        ("debug.nan_in", config.debug.nan_in in ("loss", "gradient"), "loss or gradient"),
         ("device", _valid_device(config.device), "auto, cpu, cuda or cuda:N"),
     ]
     if config.objectives.alignment_temperature is not None:

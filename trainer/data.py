@@ -9,11 +9,14 @@ with no usable page raises :class:`DataError`.
 
 Frozen backbones run once per distinct panel. Their features are kept in memory and on disk, keyed by
 the backbone's ``cache_key`` and a SHA-256 of the panel's content, so later epochs and later runs skip
-the backbone. Trainable backbones run on every step.
+the backbone. Trainable backbones run on every step. Runs and ranks may share a cache folder. A
+writer takes a lock file, merges its features with the file's current content and renames the
+result into place, so a reader gets a whole file and no writer drops another's features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -21,7 +24,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -401,6 +404,23 @@ class PanelBatch:
             texts=self.texts,
         )
 
+    def pin_memory(self) -> "PanelBatch":
+        """Return a copy in page-locked memory, for faster copies to a GPU (``DataLoader(pin_memory=True)`` calls it)."""
+
+        def pin(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.pin_memory()
+
+        return PanelBatch(
+            page=pin(self.page),
+            dataset_page=pin(self.dataset_page),
+            layout=pin(self.layout),
+            has_text=pin(self.has_text),
+            vision_features=pin(self.vision_features),
+            pixels=pin(self.pixels),
+            text_features=pin(self.text_features),
+            texts=self.texts,
+        )
+
 
 # --------------------------------------------------------------------------------------------------
 # Backbone features
@@ -410,7 +430,8 @@ class PanelInputs:
     """Model inputs for every panel of a dataset: cached features for frozen backbones, raw inputs otherwise.
 
     ``vision_backbone`` and ``text_backbone`` follow the ``trainer.backbones`` interface (``frozen``,
-    ``cache_key``, ``out_dim``; vision also ``preprocess`` and ``input_size``).
+    ``cache_key``, ``out_dim``; vision also ``preprocess`` and ``input_size``). With
+    ``cache_features=False`` frozen backbones get raw inputs too and run on every step.
     """
 
     def __init__(
@@ -422,6 +443,7 @@ class PanelInputs:
         device: torch.device,
         progress: Callable[[str, int], Callable[[int], None]] | None = None,
         chunk_size: int = 64,
+        cache_features: bool = True,
     ):
         self.dataset = dataset
         self.vision_backbone = vision_backbone
@@ -434,7 +456,7 @@ class PanelInputs:
         self.vision_features: torch.Tensor | None = None
         self.text_features: torch.Tensor | None = None
         self.feature_stats: list[FeatureStats] = []
-        if vision_backbone.frozen:
+        if vision_backbone.frozen and cache_features:
             self.vision_features, stats = _cached_features(
                 kind="vision",
                 backbone=vision_backbone,
@@ -447,7 +469,7 @@ class PanelInputs:
                 progress=progress,
             )
             self.feature_stats.append(stats)
-        if text_backbone.frozen:
+        if text_backbone.frozen and cache_features:
             self.text_features, stats = _cached_features(
                 kind="text",
                 backbone=text_backbone,
@@ -477,13 +499,39 @@ class PanelInputs:
         )
         if self.vision_features is not None:
             batch.vision_features = self.vision_features[index]
-        else:
+        elif flat:
             batch.pixels = torch.stack([self.vision_backbone.preprocess(self.panels[i].image) for i in flat])
+        else:
+            # A rank's slice of a small last batch can be empty under torchrun.
+            size = self.vision_backbone.input_size
+            batch.pixels = torch.empty(0, 3, size, size)
         if self.text_features is not None:
             batch.text_features = self.text_features[index]
         else:
             batch.texts = [self.panels[i].text for i in flat]
         return batch
+
+
+def load_batches(
+    inputs: PanelInputs, page_batches: Sequence[Sequence[int]], num_workers: int = 0, pin_memory: bool = False
+) -> Iterable[PanelBatch]:
+    """Yield ``inputs.batch(pages)`` for each list of pages, in order.
+
+    With ``num_workers`` > 0 worker processes build the batches ahead of the training step, which pays
+    off when batches need image preprocessing. ``pin_memory`` returns them in page-locked memory.
+    """
+    if num_workers == 0 and not pin_memory:
+        return (inputs.batch(pages) for pages in page_batches)
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        [list(pages) for pages in page_batches],
+        batch_size=None,
+        shuffle=False,
+        collate_fn=inputs.batch,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )
 
 
 @dataclass
@@ -535,7 +583,7 @@ def _cached_features(
                 if advance:
                     advance(len(chunk))
         if cache_path is not None:
-            _write_feature_cache(cache_path, known)
+            _write_feature_cache(cache_path, known, backbone.out_dim)
 
     stats = FeatureStats(kind, name, len(set(hashes)), len(missing), time.perf_counter() - started)
     return torch.stack([known[content_hash] for content_hash in hashes]), stats
@@ -564,17 +612,37 @@ def _read_feature_cache(path: Path, out_dim: int) -> dict[str, torch.Tensor]:
     return {bytes(row.tolist()).hex(): feature for row, feature in zip(hashes, features)}
 
 
-def _write_feature_cache(path: Path, known: dict[str, torch.Tensor]) -> None:
+def _write_feature_cache(path: Path, known: dict[str, torch.Tensor], out_dim: int) -> None:
     from safetensors.torch import save_file
 
     from trainer.artifacts import atomic_write
 
-    keys = sorted(known)
-    hashes = torch.tensor([list(bytes.fromhex(key)) for key in keys], dtype=torch.uint8)
-    features = torch.stack([known[key] for key in keys]).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as temporary:
-        save_file({"hashes": hashes, "features": features}, str(temporary))
+    with _file_lock(path.with_name(path.name + ".lock")):
+        # Another run may have added features since this one read the file.
+        merged = _read_feature_cache(path, out_dim)
+        merged.update(known)
+        keys = sorted(merged)
+        hashes = torch.tensor([list(bytes.fromhex(key)) for key in keys], dtype=torch.uint8)
+        features = torch.stack([merged[key] for key in keys]).contiguous()
+        with atomic_write(path) as temporary:
+            save_file({"hashes": hashes, "features": features}, str(temporary))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing); a no-op where fcntl is unavailable."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def skipped_summary(skipped: dict[str, int]) -> str:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import math
 import os
 import platform
 import random
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from trainer import distributed
 from trainer.artifacts import CHECKPOINT_FORMAT, FORMAT_VERSION, RunDirectory, load_checkpoint
 from trainer.config import TrainConfig, TrainerError, config_from_dict, config_to_dict
 from trainer.data import (
@@ -31,10 +34,12 @@ from trainer.data import (
     PanelDataset,
     PanelInputs,
     iterate_batches,
+    load_batches,
     load_dataset,
     skipped_summary,
     split_pages,
 )
+from trainer.distributed import Distributed, TrainingLoss, batch_labels, reduce_step_values
 from trainer.model import PanelEncoder
 from trainer.objectives import COMPONENTS, Objectives, ObjectiveOutput
 from trainer.sampler import BalancedBatchSampler, page_signal_counts
@@ -47,7 +52,7 @@ VALIDATION_SEED_OFFSET = 3
 
 
 class TrainingDiverged(TrainerError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradient was NaN or infinite in ``optim.max_bad_steps_in_a_row`` steps in a row."""
 
     exit_code = 1
 
@@ -73,9 +78,17 @@ class Run:
     # None draws batches with iterate_batches and shuffle_generator (data.sampler = "random").
     sampler: BalancedBatchSampler | None = None
     backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Last completed epoch and optimiser steps so far.
+    # This process's rank under torchrun, and the encoder plus objectives as DDP trains them.
+    dist: Distributed = field(default_factory=Distributed)
+    loss_module: torch.nn.Module | None = None
+    # Processes that build batches (data.num_workers resolved).
+    num_workers: int = 0
+    # Last completed epoch and optimiser steps so far (skipped steps count).
     epoch: int = 0
     step: int = 0
+    # Steps skipped for a non-finite loss or gradient: in total, and the current run of consecutive ones.
+    skipped_steps: int = 0
+    bad_steps_in_a_row: int = 0
     best_val_loss: float = math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -87,45 +100,86 @@ class Run:
 def fit(
     config: TrainConfig, run_dir: str | Path, overwrite: bool = False, console: Console | None = None
 ) -> Run:
-    """Train a new run into ``run_dir`` and return its final state."""
-    console = console or Console(stderr=True)
-    _reject_distributed()
-    directory = RunDirectory(run_dir)
-    directory.check_writable(overwrite)
-    run = setup(config, directory, console)
-    report_setup(run)
-    # Old artifacts are deleted only now, so a config or data error leaves an earlier run intact.
-    directory.prepare(overwrite)
-    directory.write_run_info(run_info(run))
-    directory.open_metrics()
+    """Train a new run into ``run_dir`` and return its final state.
+
+    Under torchrun every rank calls this, and only rank 0 writes the run directory and prints.
+    """
+    dist = distributed.initialize(select_device(config.device))
     try:
-        train(run)
+        console = _rank_console(console, dist)
+        directory = RunDirectory(run_dir, writer=dist.is_main)
+        if dist.is_main:
+            directory.check_writable(overwrite)
+        run = setup(config, directory, console, dist=dist)
+        report_setup(run)
+        # Old artifacts are deleted only now, so a config or data error leaves an earlier run intact.
+        directory.prepare(overwrite)
+        directory.write_run_info(run_info(run))
+        directory.open_metrics()
+        try:
+            train(run)
+        finally:
+            directory.close()
     finally:
-        directory.close()
+        distributed.shutdown(dist)
     return run
 
 
 def resume(run_dir: str | Path, console: Console | None = None) -> Run:
-    """Continue a run from ``checkpoints/last.pt`` up to its configured number of epochs."""
-    console = console or Console(stderr=True)
-    _reject_distributed()
-    directory = RunDirectory(run_dir)
-    checkpoint = load_checkpoint(directory.checkpoints_dir / "last.pt")
-    config = config_from_dict(checkpoint["config"], source=str(directory.checkpoints_dir / "last.pt"))
-    run = setup(config, directory, console, checkpoint=checkpoint)
-    report_setup(run)
-    if checkpoint.get("dataset_fingerprint") != run.dataset.fingerprint:
-        console.print(f"[yellow]warning:[/] {config.data.manifest}: dataset changed since the checkpoint was written")
+    """Continue a run from ``checkpoints/last.pt`` up to its configured number of epochs.
 
-    info = directory.read_run_info()
-    info.setdefault("resumed_from_epoch", []).append(run.epoch)
-    directory.write_run_info(info)
-    directory.open_metrics(keep_through_epoch=run.epoch)
+    The optimiser, scheduler, sampler and every RNG state come from the checkpoint, and the
+    ``metrics.jsonl`` records written after it are dropped, so the finished run matches an
+    uninterrupted one. A run killed before its first checkpoint starts again from the config in
+    its ``run.json``.
+    """
+    directory = RunDirectory(run_dir)
+    last = directory.checkpoints_dir / "last.pt"
+    checkpoint = None
+    if not last.exists() and directory.run_json_path.is_file():
+        config = _config_from_run_info(directory)
+    else:
+        checkpoint = load_checkpoint(last)
+        config = config_from_dict(checkpoint["config"], source=str(last))
+
+    dist = distributed.initialize(select_device(config.device))
     try:
-        train(run)
+        console = _rank_console(console, dist)
+        directory.writer = dist.is_main
+        run = setup(config, directory, console, checkpoint=checkpoint, dist=dist)
+        report_setup(run)
+        if checkpoint is None:
+            console.print(f"{last} not found: the run starts again from epoch 1", markup=False, highlight=False)
+        elif checkpoint.get("dataset_fingerprint") != run.dataset.fingerprint:
+            console.print(f"[yellow]warning:[/] {config.data.manifest}: dataset changed since the checkpoint was written")
+
+        directory.prepare(overwrite=False)
+        directory.remove_stale_temporaries()
+        info = directory.read_run_info()
+        info.setdefault("resumed_from_epoch", []).append(run.epoch)
+        directory.write_run_info(info)
+        directory.open_metrics(keep_through_epoch=run.epoch, keep_through_step=run.step)
+        try:
+            train(run)
+        finally:
+            directory.close()
     finally:
-        directory.close()
+        distributed.shutdown(dist)
     return run
+
+
+def _config_from_run_info(directory: RunDirectory) -> TrainConfig:
+    info = directory.read_run_info()
+    if not isinstance(info.get("config"), dict):
+        raise TrainerError(f"{directory.run_json_path}: no 'config' object, so the run cannot start again")
+    return config_from_dict(info["config"], source=str(directory.run_json_path))
+
+
+def _rank_console(console: Console | None, dist: Distributed) -> Console:
+    # Under torchrun only rank 0 prints progress and summaries.
+    if not dist.is_main:
+        return Console(stderr=True, quiet=True)
+    return console or Console(stderr=True)
 
 
 def embed_dataset(
@@ -170,27 +224,29 @@ def embed_dataset(
     return {name: torch.cat(tensors) for name, tensors in collected.items()}, page_ids
 
 
-def _reject_distributed() -> None:
-    # NOTE: torchrun / DistributedDataParallel is not implemented; one process trains on one device.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise TrainerError("distributed training (WORLD_SIZE > 1) is not supported; run one process per run")
-
-
 # --------------------------------------------------------------------------------------------------
 # Setup
 
 
 def setup(
-    config: TrainConfig, directory: RunDirectory, console: Console, checkpoint: dict[str, Any] | None = None
+    config: TrainConfig,
+    directory: RunDirectory,
+    console: Console,
+    checkpoint: dict[str, Any] | None = None,
+    dist: Distributed | None = None,
 ) -> Run:
     """Seed, pick the device, load the data, build the model and optimiser; restore ``checkpoint`` if given."""
+    dist = dist or Distributed()
     seed_everything(config.seed)
-    device = select_device(config.device)
+    device = dist.device if dist.enabled else select_device(config.device)
 
     dataset = load_dataset(config.data)
     train_pages, val_pages = split_pages(dataset, config.data.val_fraction, config.data.seed)
 
     model, objectives = build_model(config, device)
+    if dist.rank > 0:
+        # Dropout masks differ between ranks; DDP gives every rank rank 0's initial weights.
+        seed_everything(config.seed + distributed.RANK_SEED_STRIDE * dist.rank)
     optimizer, scheduler = build_optimizer(model, objectives, config, steps_per_epoch=_steps_per_epoch(config, train_pages))
     run = Run(
         config=config,
@@ -207,6 +263,7 @@ def setup(
         shuffle_generator=torch.Generator().manual_seed(config.seed + SHUFFLE_SEED_OFFSET),
         mask_generator=torch.Generator().manual_seed(config.seed + MASK_SEED_OFFSET),
         sampler=build_sampler(config, dataset, train_pages),
+        dist=dist,
     )
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint)
@@ -215,9 +272,45 @@ def setup(
     # weights define its cache key.
     run.backbones = describe_backbones(model)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else directory.path / "cache"
-    with _progress(console) as progress:
-        run.inputs = PanelInputs(dataset, model.vision_backbone, model.text_backbone, cache_dir, device, progress)
+    # Rank 0 fills the feature cache, and the other ranks then read it instead of recomputing.
+    with dist.main_first(), _progress(console) as progress:
+        run.inputs = PanelInputs(
+            dataset, model.vision_backbone, model.text_backbone, cache_dir, device, progress,
+            cache_features=config.data.cache_features,
+        )
+    run.num_workers = batch_workers(config, run.inputs, device)
+
+    if config.model.compile:
+        compile_model(model)
+    run.loss_module = dist.wrap(TrainingLoss(model, objectives, dist, functools.partial(_autocast, device)))
     return run
+
+
+def batch_workers(config: TrainConfig, inputs: PanelInputs, device: torch.device) -> int:
+    """Resolve ``data.num_workers``: by default, workers only when batches need image preprocessing on CUDA.
+
+    Cached features make a batch an index into tensors, where workers only add overhead, and on a
+    CPU the workers would take cores from the training step.
+    """
+    if config.data.num_workers is not None:
+        return config.data.num_workers
+    if device.type != "cuda" or inputs.vision_features is not None:
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def compile_model(model: PanelEncoder) -> None:
+    """Compile the encoder's tensor-only modules in place with ``torch.compile``; state-dict keys stay the same.
+
+    Text backbones take Python strings, so they stay eager, and so does a frozen vision backbone,
+    whose features are cached or computed without gradients.
+    """
+    modules = [model.vision_projection, model.text_projection, model.layout_encoder, model.fusion]
+    if not model.vision_backbone.frozen:
+        modules.append(model.vision_backbone)
+    for module in modules:
+        # Panel counts differ from batch to batch, so shapes are compiled as dynamic.
+        module.compile(dynamic=True)
 
 
 def build_sampler(config: TrainConfig, dataset: PanelDataset, train_pages: list[int]) -> BalancedBatchSampler | None:
@@ -342,6 +435,7 @@ def train(run: Run) -> None:
     for epoch in range(run.epoch + 1, run.config.optim.epochs + 1):
         started = time.perf_counter()
         train_records = train_epoch(run, epoch)
+        train_seconds = time.perf_counter() - started
         validation, embeddings = validate(run, epoch)
         run.directory.log_metrics(validation)
 
@@ -353,7 +447,7 @@ def train(run: Run) -> None:
         save_checkpoint(run, relative, validation["loss"], is_best)
 
         seconds = time.perf_counter() - started
-        summary = epoch_summary(run, epoch, train_records, validation, seconds, is_best)
+        summary = epoch_summary(run, epoch, train_records, validation, seconds, is_best, train_seconds)
         run.history.append(summary)
         run.console.print(
             format_summary(summary, run.config.optim.epochs), markup=False, highlight=False, soft_wrap=True
@@ -363,13 +457,16 @@ def train(run: Run) -> None:
 def train_epoch(run: Run, epoch: int) -> list[dict[str, Any]]:
     records = []
     batches = epoch_batches(run, epoch)
+    # Under torchrun each rank trains on its slice of every global batch.
+    local_batches = [run.dist.shard(page_indices) for page_indices in batches]
+    loader = load_batches(run.inputs, local_batches, run.num_workers, pin_memory=run.device.type == "cuda")
     with _progress(run.console) as progress:
         advance = progress(f"epoch {epoch}/{run.config.optim.epochs}", len(batches))
-        for page_indices in batches:
-            batch = run.inputs.batch(page_indices).to(run.device)
-            record = train_step(run, batch, epoch)
+        for page_indices, batch in zip(batches, loader):
+            record = train_step(run, batch.to(run.device), epoch, page_indices)
             run.directory.log_metrics(record)
             records.append(record)
+            stop_if_diverged(run, record)
             advance(1)
     return records
 
@@ -382,39 +479,102 @@ def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
     return list(run.sampler)
 
 
-def train_step(run: Run, batch: PanelBatch, epoch: int) -> dict[str, Any]:
-    """One optimiser step; return its ``metrics.jsonl`` record."""
+def train_step(
+    run: Run, batch: PanelBatch, epoch: int, global_pages: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """One optimiser step; return its ``metrics.jsonl`` record.
+
+    ``batch`` contains this rank's slice of the global batch ``global_pages`` (the whole batch in a
+    single process, where ``global_pages`` may be left out). A step whose loss or gradient is NaN or
+    infinite on any rank is skipped: no parameter changes, the scheduler still advances, and the
+    record has ``"skipped": true`` and the reason.
+    """
     model, objectives, config = run.model, run.objectives, run.config
     model.train()
     objectives.train()
     run.optimizer.zero_grad(set_to_none=True)
 
-    with _autocast(run.device):
-        embeddings = model(batch)
-    output = objectives(embeddings, batch.page, batch.has_text, run.mask_generator)
-    if not torch.isfinite(output.total):
-        raise TrainingDiverged(
-            f"loss became {float(output.total.detach())} at epoch {epoch}, step {run.step + 1} "
-            f"({_component_text(output.component_record())}); lower optim.lr or raise objectives.temperature"
-        )
+    labels = None
+    if config.objectives.gather and run.dist.enabled:
+        labels = batch_labels(global_pages, run.inputs.offsets, run.inputs.has_text, run.dist, run.device)
+    output = run.loss_module(batch, run.mask_generator, labels)
+    injected = _injected_nan(config, run.step + 1)
+    if injected == "loss":
+        output.total = output.total * float("nan")
     probe_every = config.objectives.grad_probe_every
     grad_norms = component_grad_norms(model, output) if probe_every and (run.step + 1) % probe_every == 0 else {}
+    # Every rank runs the backward pass, even for a bad loss, because DDP's gradient averaging needs all ranks.
     output.total.backward()
 
     # The logged norm covers every optimised parameter, whichever set the clipping covers.
     parameters = optimised_parameters(model, objectives)
-    grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None]))
-    if config.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(clipped_parameters(model, objectives, config), config.optim.grad_clip)
+    gradients = [p.grad for p in parameters if p.grad is not None]
+    if injected == "gradient" and gradients:
+        gradients[0].view(-1)[0] = float("nan")
+    grad_norm = float(torch.nn.utils.get_total_norm(gradients))
+    loss_bad, gradient_bad = run.dist.any_true(
+        [not math.isfinite(float(output.total.detach())), not math.isfinite(grad_norm)]
+    )
+    reason = None
+    if loss_bad:
+        reason = "nonfinite_loss"
+    elif gradient_bad:
+        reason = "nonfinite_gradient"
 
     lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
+    if reason is None:
+        if config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(clipped_parameters(model, objectives, config), config.optim.grad_clip)
+        run.optimizer.step()
+        run.bad_steps_in_a_row = 0
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.skipped_steps += 1
+        run.bad_steps_in_a_row += 1
+    with warnings.catch_warnings():
+        # The schedule follows the step count, skipped steps included, so it advances without an update.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        run.scheduler.step()
     run.step += 1
-    record = step_record(epoch, run.step, output, lr, grad_norm, batch)
+
+    loss, components = reduce_step_values(run.dist, output, gathered=labels is not None)
+    if global_pages is None:
+        pages, panels = batch.num_pages, batch.num_panels
+    else:
+        offsets = run.inputs.offsets
+        pages, panels = len(global_pages), sum(offsets[page + 1] - offsets[page] for page in global_pages)
+    record = step_record(epoch, run.step, loss, components, lr, grad_norm, pages, panels)
+    record["skipped"] = reason is not None
+    if reason is not None:
+        record["reason"] = reason
+    record["skipped_steps"] = run.skipped_steps
     for name, norm in grad_norms.items():
         record["components"][name]["grad_norm"] = norm
     return record
+
+
+def _injected_nan(config: TrainConfig, step: int) -> str | None:
+    """Return where ``debug.nan_at_step`` puts a NaN at this step ("loss" or "gradient"), or None."""
+    first = config.debug.nan_at_step
+    if first is None or not first <= step < first + config.debug.nan_steps:
+        return None
+    return config.debug.nan_in
+
+
+def stop_if_diverged(run: Run, record: dict[str, Any]) -> None:
+    """Raise TrainingDiverged once ``optim.max_bad_steps_in_a_row`` steps in a row were skipped."""
+    limit = run.config.optim.max_bad_steps_in_a_row
+    if run.bad_steps_in_a_row < limit:
+        return
+    if run.epoch > 0:
+        kept = f"checkpoints/last.pt (epoch {run.epoch}) is the last good checkpoint"
+    else:
+        kept = "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"training stopped at epoch {record['epoch']}, step {record['step']}: {limit} steps in a row had a "
+        f"non-finite loss or gradient (last: {record['reason']}; {_component_text(record['components'])}); "
+        f"{kept}; lower optim.lr or raise objectives.temperature"
+    )
 
 
 def component_grad_norms(model: PanelEncoder, output: ObjectiveOutput) -> dict[str, float]:
@@ -438,18 +598,25 @@ def component_grad_norms(model: PanelEncoder, output: ObjectiveOutput) -> dict[s
 
 
 def step_record(
-    epoch: int, step: int, output: ObjectiveOutput, lr: float, grad_norm: float, batch: PanelBatch
+    epoch: int,
+    step: int,
+    loss: float,
+    components: dict[str, dict[str, float | int]],
+    lr: float,
+    grad_norm: float,
+    pages: int,
+    panels: int,
 ) -> dict[str, Any]:
     return {
         "kind": "step",
         "epoch": epoch,
         "step": step,
-        "loss": float(output.total.detach()),
+        "loss": loss,
         "lr": lr,
         "grad_norm": grad_norm,
-        "pages": batch.num_pages,
-        "panels": batch.num_panels,
-        "components": output.component_record(),
+        "pages": pages,
+        "panels": panels,
+        "components": components,
     }
 
 
@@ -466,7 +633,9 @@ def validate(run: Run, epoch: int) -> tuple[dict[str, Any], dict[str, torch.Tens
     draws the masks from the global RNG, which is the historical behaviour.
 
     The loss and component values are means over batches weighted by pages per batch. The active
-    counts are sums over batches.
+    counts are sums over batches. Under torchrun each rank embeds its slice of every batch, and the
+    objectives run on every rank over the gathered batch, so every rank returns the same record and
+    the embeddings of all validation pages in page order.
     """
     config = run.config
     run.model.eval()
@@ -481,12 +650,17 @@ def validate(run: Run, epoch: int) -> tuple[dict[str, Any], dict[str, torch.Tens
     weights: dict[str, float] = {}
     collected: dict[str, list[torch.Tensor]] = {"fused": [], "vision": [], "text": [], "page": [], "has_text": []}
     page_offset = 0
+    batches = list(iterate_batches(run.val_pages, config.optim.batch_size))
+    local_batches = [run.dist.shard(page_indices) for page_indices in batches]
+    loader = load_batches(run.inputs, local_batches, run.num_workers, pin_memory=run.device.type == "cuda")
     with torch.no_grad():
-        for page_indices in iterate_batches(run.val_pages, config.optim.batch_size):
-            batch = run.inputs.batch(page_indices).to(run.device)
+        for page_indices, batch in zip(batches, loader):
+            batch = batch.to(run.device)
             with _autocast(run.device):
                 embeddings = run.model(batch)
-            output = run.objectives(embeddings, batch.page, batch.has_text, generator)
+            labels = batch_labels(page_indices, run.inputs.offsets, run.inputs.has_text, run.dist, run.device)
+            embeddings = run.dist.gather_embeddings(embeddings, labels.counts)
+            output = run.objectives(embeddings, labels.page, labels.has_text, generator)
 
             pages = len(page_indices)
             total += float(output.total) * pages
@@ -497,8 +671,8 @@ def validate(run: Run, epoch: int) -> tuple[dict[str, Any], dict[str, torch.Tens
             collected["fused"].append(embeddings.fused.float().cpu())
             collected["vision"].append(embeddings.vision.float().cpu())
             collected["text"].append(embeddings.text.float().cpu())
-            collected["page"].append(batch.page.cpu() + page_offset)
-            collected["has_text"].append(batch.has_text.cpu())
+            collected["page"].append(labels.page.cpu() + page_offset)
+            collected["has_text"].append(labels.has_text.cpu())
             page_offset += pages
 
     run.model.train()
@@ -534,6 +708,10 @@ def dump_embeddings(run: Run, epoch: int, embeddings: dict[str, torch.Tensor]) -
 
 
 def save_checkpoint(run: Run, embeddings_path: str, val_loss: float, is_best: bool) -> None:
+    """Write the epoch's checkpoint (rank 0 only; under torchrun every rank must call it)."""
+    # Every rank's RNG state is kept, because dropout and, without objectives.gather, the masked
+    # panels draw per rank.
+    rank_rng_states = run.dist.gather_objects(capture_rng_state(run))
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": FORMAT_VERSION,
@@ -550,7 +728,14 @@ def save_checkpoint(run: Run, embeddings_path: str, val_loss: float, is_best: bo
         "best_val_loss": run.best_val_loss,
         "dataset_fingerprint": run.dataset.fingerprint,
         "backbones": run.backbones,
+        "skipped_steps": run.skipped_steps,
+        "bad_steps_in_a_row": run.bad_steps_in_a_row,
+        "world_size": run.dist.world_size,
     }
+    if run.dist.enabled:
+        checkpoint["rank_rng_states"] = rank_rng_states
+    if run.sampler is not None:
+        checkpoint["sampler_state_dict"] = run.sampler.state_dict()
     run.directory.save_checkpoint(checkpoint, is_best)
 
 
@@ -559,10 +744,31 @@ def restore_checkpoint(run: Run, checkpoint: dict[str, Any]) -> None:
     run.objectives.load_state_dict(checkpoint["objectives_state_dict"])
     run.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
     run.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
-    restore_rng_state(run, checkpoint["rng_state"])
+    if run.sampler is not None and "sampler_state_dict" in checkpoint:
+        run.sampler.load_state_dict(checkpoint["sampler_state_dict"])
+    restore_rng_state(run, _rank_rng_state(run, checkpoint))
     run.epoch = int(checkpoint["epoch"])
     run.step = int(checkpoint["step"])
     run.best_val_loss = float(checkpoint["best_val_loss"])
+    run.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+    run.bad_steps_in_a_row = int(checkpoint.get("bad_steps_in_a_row", 0))
+
+
+def _rank_rng_state(run: Run, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Pick this rank's RNG state from a checkpoint.
+
+    With another world size than the checkpoint's, every rank takes rank 0's state, so the batches and
+    the gathered objectives' masks stay in step. Dropout masks then differ from an uninterrupted run.
+    """
+    states = checkpoint.get("rank_rng_states") or [checkpoint["rng_state"]]
+    if len(states) == run.dist.world_size:
+        return states[run.dist.rank]
+    if run.dist.is_main:
+        run.console.print(
+            f"[yellow]warning:[/] the checkpoint was written by {len(states)} process(es) and the run resumes "
+            f"with {run.dist.world_size}, so dropout masks differ from an uninterrupted run"
+        )
+    return states[0]
 
 
 def capture_rng_state(run: Run) -> dict[str, Any]:
@@ -616,6 +822,7 @@ def run_info(run: Run) -> dict[str, Any]:
             "collapse_toolkit": _package_version(),
         },
         "device": str(run.device),
+        "distributed": {"world_size": run.dist.world_size, "backend": run.dist.backend},
         "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or platform.machine(),
         "seed": run.config.seed,
         "dataset_fingerprint": dataset.fingerprint,
@@ -679,20 +886,31 @@ def report_setup(run: Run) -> None:
 
 
 def epoch_summary(
-    run: Run, epoch: int, train_records: list[dict[str, Any]], validation: dict[str, Any], seconds: float, is_best: bool
+    run: Run,
+    epoch: int,
+    train_records: list[dict[str, Any]],
+    validation: dict[str, Any],
+    seconds: float,
+    is_best: bool,
+    train_seconds: float | None = None,
 ) -> dict[str, Any]:
-    steps = max(1, len(train_records))
-    components = {
-        name: sum(record["components"][name]["value"] for record in train_records) / steps for name in COMPONENTS
-    }
+    """Summarise an epoch; train means leave out skipped steps, whose loss is not finite."""
+    good = [record for record in train_records if not record.get("skipped")]
+    steps = max(1, len(good))
+    components = {name: sum(record["components"][name]["value"] for record in good) / steps for name in COMPONENTS}
+    panels = sum(record["panels"] for record in train_records)
     return {
         "epoch": epoch,
-        "train_loss": sum(record["loss"] for record in train_records) / steps,
+        "train_loss": sum(record["loss"] for record in good) / steps,
         "train_components": components,
         "val_loss": validation["loss"],
         "val_components": {name: validation["components"][name]["value"] for name in COMPONENTS},
         "seconds": seconds,
+        "train_seconds": train_seconds,
+        # Panels through the training steps per second of training (validation not counted).
+        "panels_per_second": panels / train_seconds if train_seconds else None,
         "steps": len(train_records),
+        "skipped_steps": len(train_records) - len(good),
         "best": is_best,
     }
 
@@ -700,9 +918,15 @@ def epoch_summary(
 def format_summary(summary: dict[str, Any], epochs: int) -> str:
     components = "  ".join(f"{name} {value:.4f}" for name, value in summary["train_components"].items())
     best = "  (best)" if summary["best"] else ""
+    skipped = f" ({summary['skipped_steps']} skipped)" if summary.get("skipped_steps") else ""
+    rate = summary.get("panels_per_second")
+    throughput = ""
+    if rate:
+        throughput = f", {rate:.0f} panels/s" if rate >= 100 else f", {rate:.3g} panels/s"
     return (
         f"epoch {summary['epoch']}/{epochs}  train {summary['train_loss']:.4f} [{components}]  "
-        f"val {summary['val_loss']:.4f}  {summary['seconds']:.1f}s, {summary['steps']} steps{best}"
+        f"val {summary['val_loss']:.4f}  {summary['seconds']:.1f}s, {summary['steps']} steps{skipped}"
+        f"{throughput}{best}"
     )
 
 

@@ -1,0 +1,206 @@
+"""Resume after a kill: a run killed at any moment, even inside a checkpoint write, finishes as if never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.artifacts import CRASH_IN_CHECKPOINT_VARIABLE, RunDirectory, load_checkpoint
+from trainer.cli import main
+from trainer_dataset import simple_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+COUNTS = [3, 2, 1, 4, 2, 3, 1, 2, 3, 2, 2, 3]
+EPOCHS = 3
+# Seconds to wait for a trainer subprocess; generous because test jobs share small machines.
+SUBPROCESS_TIMEOUT = 240
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_config(tmp_path: Path) -> Path:
+    """A tiny CPU config with dropout on, so that resuming must restore the RNG states to match."""
+    manifest = simple_dataset(tmp_path / "data", COUNTS, {(0, 1), (3, 0), (5, 2)})
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        f'device = "cpu"\n[data]\nmanifest = {json.dumps(str(manifest))}\nval_fraction = 0.25\n'
+        "[model]\ndim = 16\nprojection_hidden = 16\nlayout_hidden = 8\ndropout = 0.2\n"
+        f"[objectives]\nreconstruction_hidden = 16\n[optim]\nepochs = {EPOCHS}\nbatch_size = 3\n"
+    )
+    return path
+
+
+def run_cli(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    return raised.value.code
+
+
+def trainer_process(argv: list[str], **extra_env: str) -> subprocess.Popen:
+    """Start ``python -m trainer`` with one torch thread, as the in-process runs use."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra_env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def count_step_records(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum('"kind": "step"' in line for line in path.read_text().splitlines())
+
+
+def assert_same_final_checkpoint(run_dir: Path, reference_dir: Path) -> None:
+    final = f"epoch_{EPOCHS:04d}.pt"
+    resumed = load_checkpoint(run_dir / "checkpoints" / final)
+    reference = load_checkpoint(reference_dir / "checkpoints" / final)
+    assert resumed["step"] == reference["step"]
+    for key in ("model_state_dict", "objectives_state_dict"):
+        assert resumed[key].keys() == reference[key].keys()
+        for name, tensor in reference[key].items():
+            assert torch.equal(resumed[key][name], tensor), f"{key}[{name}]"
+    resumed_moments = resumed["optimizer_state_dict"]["state"]
+    reference_moments = reference["optimizer_state_dict"]["state"]
+    assert resumed_moments.keys() == reference_moments.keys()
+    for index, state in reference_moments.items():
+        for name, value in state.items():
+            assert torch.equal(resumed_moments[index][name], value), f"optimizer state {index}.{name}"
+
+
+def stale_temporaries(run_dir: Path) -> list[Path]:
+    return [path for folder in (run_dir, run_dir / "checkpoints", run_dir / "embeddings") for path in folder.glob(".*.tmp-*")]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Uninterrupted runs of the tiny config, with the random and the balanced sampler."""
+    root = tmp_path_factory.mktemp("reference")
+    config = write_config(root)
+    runs = {}
+    for sampler in ("random", "balanced"):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            code = run_cli(["fit", "--config", str(config), "--out", str(root / sampler), "--set", f"data.sampler={sampler}"])
+        finally:
+            torch.set_num_threads(previous)
+        assert code == 0
+        runs[sampler] = root / sampler
+    return config, runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Killed runs
+
+
+def test_kill_inside_checkpoint_write(references, tmp_path):
+    config, runs = references
+    run_dir = tmp_path / "run"
+    process = trainer_process(["fit", "--config", str(config), "--out", str(run_dir)], **{CRASH_IN_CHECKPOINT_VARIABLE: "2"})
+    _, err = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == -signal.SIGKILL, err
+
+    # The kill left a written but unrenamed checkpoint, and the records of epoch 2.
+    assert [path.name.split(".tmp-")[0] for path in stale_temporaries(run_dir)] == [".epoch_0002.pt"]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    assert max(record["epoch"] for record in read_metrics(run_dir)) == 2
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    assert_same_final_checkpoint(run_dir, runs["random"])
+    assert read_metrics(run_dir) == read_metrics(runs["random"])
+    assert stale_temporaries(run_dir) == []
+    assert json.loads((run_dir / "run.json").read_text())["resumed_from_epoch"] == [1]
+
+
+def test_kill_before_first_checkpoint(references, tmp_path):
+    config, runs = references
+    run_dir = tmp_path / "run"
+    process = trainer_process(["fit", "--config", str(config), "--out", str(run_dir)], **{CRASH_IN_CHECKPOINT_VARIABLE: "1"})
+    _, err = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == -signal.SIGKILL, err
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    assert_same_final_checkpoint(run_dir, runs["random"])
+    assert read_metrics(run_dir) == read_metrics(runs["random"])
+
+
+def test_kill_during_training_steps(references, tmp_path):
+    config, runs = references
+    run_dir = tmp_path / "run"
+    process = trainer_process(["fit", "--config", str(config), "--out", str(run_dir), "--set", "data.sampler=balanced"])
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    # Epoch 1 has 3 steps, so the kill lands in epoch 2 or later, after the first checkpoint.
+    while count_step_records(run_dir) < 5:
+        assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read()
+        assert time.monotonic() < deadline, "no step records appeared in time"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == -signal.SIGKILL
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    assert_same_final_checkpoint(run_dir, runs["balanced"])
+    assert read_metrics(run_dir) == read_metrics(runs["balanced"])
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert checkpoint["sampler_state_dict"] == {"seed": 1, "epoch": EPOCHS}
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.jsonl truncation
+
+
+def step(epoch: int, number: int) -> str:
+    return json.dumps({"kind": "step", "epoch": epoch, "step": number, "loss": 1.0})
+
+
+def test_open_metrics_drops_later_and_torn_records(tmp_path):
+    directory = RunDirectory(tmp_path)
+    kept = [step(1, 1), step(1, 2), json.dumps({"kind": "validation", "epoch": 1, "step": 2, "loss": 1.0})]
+    later = [step(2, 3), json.dumps({"kind": "validation", "epoch": 2, "step": 3, "loss": 1.0}), step(3, 4)]
+    torn = step(3, 5)[:17]
+    directory.metrics_path.write_text("\n".join(kept + later) + "\n" + torn)
+
+    directory.open_metrics(keep_through_epoch=1, keep_through_step=2)
+    directory.log_metrics({"kind": "step", "epoch": 2, "step": 3, "loss": 0.5})
+    directory.close()
+
+    lines = directory.metrics_path.read_text().splitlines()
+    assert lines[:3] == kept
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 2, 3]
+    assert json.loads(lines[-1])["loss"] == 0.5
+
+
+def test_reader_ranks_write_nothing(tmp_path):
+    directory = RunDirectory(tmp_path / "run", writer=False)
+    directory.prepare(overwrite=False)
+    directory.open_metrics()
+    directory.log_metrics({"kind": "step", "epoch": 1, "step": 1})
+    directory.write_run_info({"config": {}})
+    relative = directory.write_embeddings(
+        1, torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2), torch.ones(2), ["a", "b"]
+    )
+    directory.save_checkpoint({"epoch": 1}, is_best=True)
+    directory.close()
+    assert relative == "embeddings/epoch_0001.safetensors"
+    assert not (tmp_path / "run").exists()
