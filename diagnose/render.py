@@ -419,6 +419,8 @@ def render_sparsity(document: dict, console: Console) -> None:
         starved = document.get("starved") or []
         verdict = f"[red]starved[/]: {', '.join(starved)}" if starved else "no component starved"
         console.print(f"{verdict} (zero share above {_percent(threshold)})")
+    if document.get("skipped_steps"):
+        console.print(f"{document['skipped_steps']} steps were skipped by the trainer (non-finite loss or gradient)")
 
 
 def _predicted_share(prediction: dict | None) -> str:

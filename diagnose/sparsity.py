@@ -174,16 +174,28 @@ def _is_integer(value: Any) -> bool:
 def observed_sparsity(records: Sequence[dict], threshold: float = DEFAULT_MAX_ZERO_SHARE) -> dict:
     """Summarise step records: per component over all steps, and the same per epoch.
 
-    Returns ``{"components": {NAME: summary}, "epochs": [{"epoch", "steps", "components"}], "starved"}``.
-    A component is starved when its zero share is above ``threshold``.
+    Returns ``{"components": {NAME: summary}, "epochs": [{"epoch", "steps", "skipped_steps", "components"}],
+    "starved", "skipped_steps"}``. A component is starved when its zero share is above ``threshold``.
+    ``skipped_steps`` counts records marked ``"skipped": true``, steps whose update the trainer dropped
+    for a non-finite loss or gradient. They still count in the zero shares, which measure whether the
+    batch gave a term something to work on.
     """
     components = summarize_components(records, threshold)
     epochs = []
     for epoch in sorted({record["epoch"] for record in records}):
         in_epoch = [record for record in records if record["epoch"] == epoch]
-        epochs.append({"epoch": epoch, "steps": len(in_epoch), "components": summarize_components(in_epoch, threshold)})
+        epochs.append({
+            "epoch": epoch,
+            "steps": len(in_epoch),
+            "skipped_steps": _skipped_steps(in_epoch),
+            "components": summarize_components(in_epoch, threshold),
+        })
     starved = [name for name, summary in components.items() if summary["starved"]]
-    return {"components": components, "epochs": epochs, "starved": starved}
+    return {"components": components, "epochs": epochs, "starved": starved, "skipped_steps": _skipped_steps(records)}
+
+
+def _skipped_steps(records: Sequence[dict]) -> int:
+    return sum(record.get("skipped") is True for record in records)
 
 
 def summarize_components(records: Sequence[dict], threshold: float = DEFAULT_MAX_ZERO_SHARE) -> dict:
@@ -635,7 +647,8 @@ def sparsity_document(
         if request is None:
             raise InputError(f"{path}: a dataset has no step log; it can only be predicted from")
         predicted = predict_from_dataset(path, request, threshold)
-        return _document(path, {"components": {}, "epochs": [], "starved": []}, predicted, threshold, None)
+        observed = {"components": {}, "epochs": [], "starved": [], "skipped_steps": None}
+        return _document(path, observed, predicted, threshold, None)
 
     if path.is_file() and path.suffix.lower() != ".jsonl":
         raise InputError(
@@ -667,6 +680,7 @@ def _document(path: Path, observed: dict, predicted: dict | None, threshold: flo
         "threshold": threshold,
         "starved": observed["starved"],
         "epochs": observed["epochs"],
+        "skipped_steps": observed["skipped_steps"],
         "truncated_line": truncated_line,
     }
 

@@ -144,6 +144,19 @@ def test_weighted_share(tmp_path):
     assert components["alignment"]["weighted_share"] == pytest.approx(alignment / total)
 
 
+def test_skipped_steps_counted(tmp_path):
+    records = log_records()
+    records[1]["skipped"] = True
+    records[1]["components"]["contrastive"]["value"] = float("nan")
+    write_log(tmp_path / "run", records)
+    document = sparsity_document(tmp_path / "run")
+    assert document["skipped_steps"] == 1
+    assert [entry["skipped_steps"] for entry in document["epochs"]] == [1, 0]
+    # The NaN value is left out of the weighted sums: 7 steps * 2.0 for contrastive.
+    total = 14.0 + 2.5 + 7.2
+    assert document["components"]["contrastive"]["weighted_share"] == pytest.approx(14.0 / total)
+
+
 def test_starved_flag_and_threshold():
     observed = observed_sparsity(log_records(), threshold=0.2)
     assert observed["starved"] == ["reconstruction", "alignment"]

@@ -180,8 +180,11 @@ class _EpochPlan:
 
     def __init__(self, sizes, multi_panel, text_counts, min_multi_panel_pages, min_text_panels):
         self.sizes = sizes
+        # Arrays select pages in bulk, and the lists make per-page lookups cheap.
         self.is_multi = multi_panel
         self.text_counts = text_counts
+        self.multi_list = multi_panel.tolist()
+        self.text_list = text_counts.tolist()
         self.min_text = min_text_panels
         self.multi_quota = [min(min_multi_panel_pages, size) for size in sizes]
         self.members: list[list[int]] = [[] for _ in sizes]
@@ -190,9 +193,10 @@ class _EpochPlan:
         self.assigned = np.zeros(len(multi_panel), dtype=bool)
 
     def add(self, batch: int, position: int) -> None:
-        self.members[batch].append(int(position))
-        self.multi[batch] += int(self.is_multi[position])
-        self.text[batch] += int(self.text_counts[position])
+        position = int(position)
+        self.members[batch].append(position)
+        self.multi[batch] += self.multi_list[position]
+        self.text[batch] += self.text_list[position]
         self.assigned[position] = True
 
     def has_room(self, batch: int) -> bool:
@@ -241,8 +245,8 @@ class _EpochPlan:
         """Swap one page of ``batch`` for one of ``donor`` with more text, keeping both batches' minimums."""
         for donor_slot, incoming in enumerate(self.members[donor]):
             for slot, outgoing in enumerate(self.members[batch]):
-                gain = int(self.text_counts[incoming]) - int(self.text_counts[outgoing])
-                multi_change = int(self.is_multi[incoming]) - int(self.is_multi[outgoing])
+                gain = self.text_list[incoming] - self.text_list[outgoing]
+                multi_change = int(self.multi_list[incoming]) - int(self.multi_list[outgoing])
                 if gain <= 0 or self.text[donor] - gain < self.min_text:
                     continue
                 if not self._keeps_multi_quota(batch, multi_change) or not self._keeps_multi_quota(donor, -multi_change):
