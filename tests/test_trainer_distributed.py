@@ -273,6 +273,51 @@ def test_cache_writers_merge(tmp_path):
     assert stored["features"].shape[0] == 5 + 5
 
 
+def test_lazy_crops_match_hashes(tmp_path):
+    import hashlib
+
+    from PIL import Image
+
+    manifest = simple_dataset(tmp_path / "data", [3, 2])
+    dataset = load_dataset(DataConfig(manifest=str(manifest), image_cache_mb=0))
+    panel = dataset.pages[0].panels[1]
+    assert panel.crop.pages.bytes == 0
+
+    with Image.open(tmp_path / "data" / "pages" / "p000.png") as page:
+        expected = page.convert("RGB").crop(panel.crop.box)
+    image = panel.image
+    assert image.tobytes() == expected.tobytes()
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
+    assert digest == panel.image_hash
+
+
+def test_page_cache_keeps_budget(tmp_path):
+    from PIL import Image
+
+    from trainer.data import PageImageCache
+
+    page_bytes = 96 * 128 * 3
+    cache = PageImageCache(2 * page_bytes)
+    for name in ("a", "b", "c"):
+        cache.put(tmp_path / name, Image.new("RGB", (96, 128)))
+    assert cache.bytes == 2 * page_bytes
+    assert list(cache._images) == [tmp_path / "b", tmp_path / "c"]
+
+    cache.put(tmp_path / "large", Image.new("RGB", (300, 300)))
+    assert tmp_path / "large" not in cache._images
+
+
+def test_page_deleted_after_load_names_file(tmp_path):
+    from trainer.data import DataError
+
+    manifest = simple_dataset(tmp_path / "data", [3, 2])
+    dataset = load_dataset(DataConfig(manifest=str(manifest), image_cache_mb=0))
+    page = tmp_path / "data" / "pages" / "p001.png"
+    page.unlink()
+    with pytest.raises(DataError, match="p001.png: page image became unreadable"):
+        dataset.pages[1].panels[0].image
+
+
 def test_worker_batches_equal_direct(tmp_path):
     dataset = load_dataset(DataConfig(manifest=str(simple_dataset(tmp_path / "data", COUNTS, NO_TEXT))))
     torch.manual_seed(0)

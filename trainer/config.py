@@ -57,6 +57,8 @@ class DataConfig:
     cache_dir: str | None = None
     # False runs frozen backbones on every step instead of once per panel (for benchmarks).
     cache_features: bool = True
+    # MiB of decoded page images kept per process. Panel crops are cut from them on demand.
+    image_cache_mb: int = 1024
     # Processes that build batches: None picks 4 (at most) when a batch needs image preprocessing on
     # CUDA, else 0 (batches are built in the training process).
     num_workers: int | None = None
@@ -126,7 +128,7 @@ class OptimConfig:
     warmup_fraction: float = 0.05
     # The cosine schedule decays to lr * min_lr_ratio.
     min_lr_ratio: float = 0.1
-    # A step with a non-finite loss or gradient is skipped; this many in a row stop the run.
+    # A step with a non-finite loss or gradient is skipped, and this many in a row stop the run.
     max_bad_steps_in_a_row: int = 5
 
 
@@ -409,6 +411,7 @@ def validate_config(config: TrainConfig, source: str = "config") -> None:
         ("optim.min_lr_ratio", 0.0 <= config.optim.min_lr_ratio <= 1.0, "in [0, 1]"),
         ("optim.max_bad_steps_in_a_row", config.optim.max_bad_steps_in_a_row >= 1, "at least 1"),
         ("data.num_workers", config.data.num_workers is None or config.data.num_workers >= 0, "zero or more"),
+        ("data.image_cache_mb", config.data.image_cache_mb >= 0, "zero or more MiB"),
         ("debug.nan_at_step", config.debug.nan_at_step is None or config.debug.nan_at_step >= 1, "at least 1"),
         ("debug.nan_steps", config.debug.nan_steps >= 1, "at least 1"),
         ("debug.nan_in", config.debug.nan_in in ("loss", "gradient"), "loss or gradient"),

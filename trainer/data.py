@@ -7,6 +7,11 @@ manifest), a labels JSON mapping page id to page type, page images and one annot
 Bad records are skipped, never fatal, and counted per reason (see ``SKIP_REASONS``). Only a dataset
 with no usable page raises :class:`DataError`.
 
+Panels keep no pixels. Loading decodes each page once, to check it and to hash every panel's crop,
+and a panel's ``image`` is cropped again from its page on demand. Decoded pages stay in a per-dataset
+cache of ``data.image_cache_mb`` megabytes, least recently used out first. So a small dataset is
+decoded once, and memory stays bounded for a dataset of tens of thousands of pages.
+
 Frozen backbones run once per distinct panel. Their features are kept in memory and on disk, keyed by
 the backbone's ``cache_key`` and a SHA-256 of the panel's content, so later epochs and later runs skip
 the backbone. Trainable backbones run on every step. Runs and ranks may share a cache folder. A
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+from collections import OrderedDict
 import hashlib
 import json
 import logging
@@ -61,10 +67,55 @@ class DataError(TrainerError):
     """A dataset that cannot be used at all; the message names the file."""
 
 
+class PageImageCache:
+    """Decoded RGB page images by path, within a budget of ``max_bytes``; the least recently used go first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._images: OrderedDict[Path, Image.Image] = OrderedDict()
+
+    def get(self, path: Path) -> Image.Image:
+        """Return the decoded page, decoding it again if it is not cached."""
+        image = self._images.get(path)
+        if image is not None:
+            self._images.move_to_end(path)
+            return image
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as error:
+            raise DataError(f"{path}: page image became unreadable after the dataset was loaded ({error})") from None
+        self.put(path, image)
+        return image
+
+    def put(self, path: Path, image: Image.Image) -> None:
+        size = image.width * image.height * len(image.getbands())
+        if size > self.max_bytes:
+            return
+        self._images[path] = image
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self._images.popitem(last=False)
+            self.bytes -= evicted.width * evicted.height * len(evicted.getbands())
+
+
+@dataclass(frozen=True)
+class PanelCrop:
+    """The source of a panel's pixels: its page image and the crop box (left, top, right, bottom) in pixels."""
+
+    path: Path
+    box: tuple[int, int, int, int]
+    pages: PageImageCache
+
+    def load(self) -> Image.Image:
+        return self.pages.get(self.path).crop(self.box)
+
+
 @dataclass
 class Panel:
     # None when the dataset was loaded with ``load_images=False``; ``image_hash`` is then empty.
-    image: Image.Image | None
+    crop: PanelCrop | None
     text: str
     # aspect ratio w/h, area ratio panel/page, three reserved zeros, centre x / W, centre y / H
     layout: tuple[float, ...]
@@ -72,6 +123,11 @@ class Panel:
     has_text: bool
     image_hash: str
     text_hash: str
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The panel's RGB crop, cut from its page on each access; None without a ``crop``."""
+        return None if self.crop is None else self.crop.load()
 
 
 @dataclass
@@ -126,7 +182,8 @@ def load_dataset(config: DataConfig, load_images: bool = True) -> PanelDataset:
     manifest = Path(config.manifest)
     rows, manifest_bytes = _read_manifest(manifest)
     labels, labels_bytes = _read_labels(manifest, config)
-    reader = _PageReader(manifest, labels, set(config.page_types), config.max_panels, load_images)
+    page_images = PageImageCache(config.image_cache_mb * 2**20)
+    reader = _PageReader(manifest, labels, set(config.page_types), config.max_panels, load_images, page_images)
     reader.digest.update(manifest_bytes)
     reader.digest.update(labels_bytes)
 
@@ -206,13 +263,20 @@ class _PageReader:
     """Reads one manifest row into a Page, raising _SkipRecord with the first problem found."""
 
     def __init__(
-        self, manifest: Path, labels: dict[str, str], kept_types: set[str], max_panels: int, load_images: bool = True
+        self,
+        manifest: Path,
+        labels: dict[str, str],
+        kept_types: set[str],
+        max_panels: int,
+        load_images: bool = True,
+        page_images: PageImageCache | None = None,
     ):
         self.folder = manifest.parent
         self.labels = labels
         self.kept_types = kept_types
         self.max_panels = max_panels
         self.load_images = load_images
+        self.page_images = page_images if page_images is not None else PageImageCache(0)
         self.digest = hashlib.sha256()
 
     def read(self, line: int, row: dict[str, str], page_id: str, page_index: int) -> Page:
@@ -261,9 +325,11 @@ class _PageReader:
             raise _SkipRecord("unreadable_image", f"{image_path}: {error}") from None
 
         panels = [
-            _make_panel(image, box, spec.get("text") or "", width, height, page_index)
+            _make_panel(image, image_path, self.page_images, box, spec.get("text") or "", width, height, page_index)
             for box, spec in zip(boxes, panel_specs)
         ]
+        if image is not None:
+            self.page_images.put(image_path, image)
         return Page(page_id, page_type, panels)
 
 
@@ -308,7 +374,14 @@ def _is_number(value: object) -> bool:
 
 
 def _make_panel(
-    image: Image.Image | None, box: tuple[float, ...], text: str, width: float, height: float, page_index: int
+    image: Image.Image | None,
+    image_path: Path,
+    page_images: PageImageCache,
+    box: tuple[float, ...],
+    text: str,
+    width: float,
+    height: float,
+    page_index: int,
 ) -> Panel:
     x, y, w, h = box
     layout = (w / h, (w * h) / (width * height), 0.0, 0.0, 0.0, (x + w / 2) / width, (y + h / 2) / height)
@@ -325,7 +398,10 @@ def _make_panel(
     bottom = max(int(round((y + h) * scale_y)), top + 1)
     crop = image.crop((left, top, right, bottom))
     image_hash = hashlib.sha256(f"{crop.mode}:{crop.width}x{crop.height}:".encode() + crop.tobytes()).hexdigest()
-    return Panel(crop, text, layout, page_index, bool(text.strip()), image_hash, text_hash)
+    # NOTE: the pixels are read again from image_path later, so a page file replaced during a run
+    # gives crops that no longer match image_hash.
+    source = PanelCrop(image_path, (left, top, right, bottom), page_images)
+    return Panel(source, text, layout, page_index, bool(text.strip()), image_hash, text_hash)
 
 
 # --------------------------------------------------------------------------------------------------
