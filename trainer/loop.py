@@ -502,6 +502,8 @@ def train_step(
     if injected == "loss":
         output.total = output.total * float("nan")
     probe_every = config.objectives.grad_probe_every
+    # NOTE: under torchrun the probe measures this rank's own gradient before DDP averages it (and,
+    # with objectives.gather, multiplied by the world size), so its norms differ from one process's.
     grad_norms = component_grad_norms(model, output) if probe_every and (run.step + 1) % probe_every == 0 else {}
     # Every rank runs the backward pass, even for a bad loss, because DDP's gradient averaging needs all ranks.
     output.total.backward()
