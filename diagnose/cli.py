@@ -12,9 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -83,20 +81,9 @@ def write_json(document: dict, target: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    destination = Path(target)
-    if destination.is_dir():
-        raise click.BadParameter(f"{target} is a directory", param_hint="--json")
-    directory = destination.parent if str(destination.parent) else Path(".")
-    if not directory.is_dir():
-        raise click.BadParameter(f"folder {directory} does not exist", param_hint="--json")
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{destination.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from diagnose.io import write_text_atomically
+
+    write_text_atomically(text, target, "--json")
 
 
 def _finite_or_null(value):
@@ -452,7 +439,8 @@ def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markd
     that file.
     """
     from diagnose.gate import load_baseline, load_rules, run_gate
-    from diagnose.gate_reports import append_step_summary, gate_junit, gate_markdown, write_text_atomically
+    from diagnose.gate_reports import append_step_summary, gate_junit, gate_markdown
+    from diagnose.io import write_text_atomically
     from diagnose.render import render_gate
 
     rules = load_rules(rules_path)
@@ -555,14 +543,15 @@ def report(path, output, json_target, map_method, map_points, histogram_pairs, n
     The file has no script and no external address, so it opens offline.
     """
     from diagnose.render import render_report
-    from diagnose.report import ReportOptions, build_report, write_html
+    from diagnose.io import write_text_atomically
+    from diagnose.report import ReportOptions, build_report
     from diagnose.run_summary import summarize_run
 
     _check_output_file(output, "-o")
     summary = summarize_run(path, retrieval=not no_retrieval, seed=seed, progress=_terminal_progress_line)
     options = ReportOptions(map_method=map_method, map_points=map_points, histogram_pairs=histogram_pairs, seed=seed)
     page, document = build_report(summary, options, progress=_progress_line)
-    write_html(page, output, "-o")
+    write_text_atomically(page, output, "-o")
     document["output"] = str(output)
 
     render_report(document, _stdout_console(json_target))
@@ -591,7 +580,7 @@ def compare(run_a, run_b, json_target, html_path, last_only, no_retrieval, seed)
     """
     from diagnose.compare import compare_html, compare_runs
     from diagnose.render import render_compare
-    from diagnose.report import write_html
+    from diagnose.io import write_text_atomically
     from diagnose.run_summary import summarize_run
 
     if html_path is not None:
@@ -604,7 +593,7 @@ def compare(run_a, run_b, json_target, html_path, last_only, no_retrieval, seed)
     if json_target:
         write_json(document, json_target)
     if html_path is not None:
-        write_html(compare_html(document, summary_a, summary_b), html_path, "--html")
+        write_text_atomically(compare_html(document, summary_a, summary_b), html_path, "--html")
         click.echo(f"comparison written to {html_path}", err=True)
 
 

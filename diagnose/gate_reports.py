@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import xml.etree.ElementTree as ElementTree
 from datetime import datetime, timezone
 from pathlib import Path
 
 from diagnose.gate import describe_value, format_figure
-from diagnose.io import InputError
 
 
 def describe_bounds(result: dict) -> str:
@@ -123,24 +121,6 @@ def gate_junit(document: dict) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root, encoding="unicode") + "\n"
 
 
-def write_text_atomically(text: str, target: str | Path, option: str) -> None:
-    """Write ``text`` to ``target`` through a temporary file in the same folder and a rename."""
-    destination = Path(target)
-    if destination.is_dir():
-        raise InputError(f"{option} {destination}: is a directory")
-    directory = destination.parent
-    if not directory.is_dir():
-        raise InputError(f"{option} {destination}: folder {directory} does not exist")
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{destination.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def append_step_summary(markdown: str, environ: dict[str, str] | None = None) -> Path | None:
     """Append ``markdown`` to the file named by ``GITHUB_STEP_SUMMARY``, if that variable is set.
 
@@ -163,5 +143,4 @@ __all__ = [
     "describe_delta",
     "gate_junit",
     "gate_markdown",
-    "write_text_atomically",
 ]

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from diagnose.io import ArraySource, EmbeddingSet, InputError, load_embeddings
+from diagnose.io import ArraySource, EmbeddingSet, load_embeddings
 from diagnose.plots import MAX_LEGEND_PAGES
 from diagnose.run_summary import (
     EpochSummary,
@@ -695,28 +693,6 @@ def html_page(title: str, body: str) -> str:
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
         f"<title>{escape(title)}</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )
-
-
-def write_html(text: str, target: str | Path, option: str) -> None:
-    """Write ``text`` to ``target`` through a temporary file in the same folder and a rename.
-
-    A reader (a browser, a CI artifact upload) never opens a half-written page, and a failed write leaves
-    any previous file in place.
-    """
-    destination = Path(target)
-    if destination.is_dir():
-        raise InputError(f"{option} {destination}: is a directory")
-    folder = destination.parent if str(destination.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{option} {destination}: folder {folder} does not exist")
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{destination.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def generated_at() -> str:
