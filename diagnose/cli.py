@@ -158,7 +158,7 @@ def collapse(path, json_target, modalities, last_only, data_manifest, min_rank_r
     )
     console = _stdout_console(json_target)
     try:
-        with _row_progress(path) as on_rows:
+        with ProgressBars("rows", enabled=_input_size(path) >= LARGE_INPUT_BYTES) as on_rows:
             document = collapse_document(
                 path, modalities=list(modalities) or None, thresholds=thresholds, all_epochs=not last_only,
                 chunk_rows=chunk_rows, on_rows=on_rows, use_dask=use_dask,
@@ -194,35 +194,43 @@ def _checkpoint_without_embeddings(missing, data_manifest, thresholds, modalitie
             "verdict": None, "epochs": None, "weights": weight_diagnostics(missing.checkpoint)}
 
 
-class _row_progress:
-    """A rich progress bar with throughput, shown only for inputs large enough to take a few seconds."""
+LARGE_INPUT_BYTES = 256 * 1024 * 1024
 
-    MIN_BYTES = 256 * 1024 * 1024
 
-    def __init__(self, path: Path):
-        self.path = path
+class ProgressBars:
+    """Rich progress bars on stderr, one per label, with throughput in ``unit`` per second.
+
+    Used as a context manager, it returns a callback ``(label, done, total)`` for the library's progress
+    hooks, or ``None`` when disabled (small inputs, or no terminal).
+    """
+
+    def __init__(self, unit: str, enabled: bool = True):
+        self.unit = unit
+        self.enabled = enabled
         self.progress = None
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
-        if _input_size(self.path) < self.MIN_BYTES:
+        if not self.enabled:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
         from rich.progress import TimeRemainingColumn
         from rich.text import Text
 
-        class RowSpeedColumn(ProgressColumn):
+        unit = self.unit
+
+        class SpeedColumn(ProgressColumn):
             def render(self, task):
-                return Text(f"{task.speed:,.0f} rows/s" if task.speed else "")
+                return Text(f"{task.speed:,.0f} {unit}/s" if task.speed else "")
 
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RowSpeedColumn(),
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SpeedColumn(),
             TimeRemainingColumn(), console=_stderr_console(), transient=True,
         )
         self.progress.start()
-        return self.advance
+        return self.update
 
-    def advance(self, label: str, done: int, total: int) -> None:
+    def update(self, label: str, done: int, total: int) -> None:
         if label not in self.tasks:
             self.tasks[label] = self.progress.add_task(label, total=total)
         self.progress.update(self.tasks[label], completed=done)
@@ -300,7 +308,7 @@ def retrieval(path, query, gallery, one_way, ks, scope, index, depth, nprobe, sa
 
     scopes = ("global", "page") if scope == "both" else (scope,)
     index_params = {"nprobe": nprobe} if nprobe is not None else None
-    with _query_progress() as progress:
+    with ProgressBars("queries", enabled=_stderr_console().is_terminal) as progress:
         document = retrieval_document(
             path, query=query, gallery=gallery, both_directions=not one_way, ks=ks, scopes=scopes, index=index,
             depth=depth, index_params=index_params, sample=sample, seed=seed, device=device,
@@ -309,37 +317,6 @@ def retrieval(path, query, gallery, one_way, ks, scope, index, depth, nprobe, sa
     render_retrieval(document, _stdout_console(json_target))
     if json_target:
         write_json(document, json_target)
-
-
-class _query_progress:
-    """A rich progress bar per ranking pass, drawn only when stderr is a terminal."""
-
-    def __init__(self):
-        self.progress = None
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        console = _stderr_console()
-        if not console.is_terminal:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("queries"),
-            TimeRemainingColumn(), console=console, transient=True,
-        )
-        self.progress.start()
-        return self.update
-
-    def update(self, label: str, done: int, total: int) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(label, total=total)
-        self.progress.update(self.tasks[label], completed=done)
-
-    def __exit__(self, *exc_info):
-        if self.progress is not None:
-            self.progress.stop()
-        return False
 
 
 # --------------------------------------------------------------------------------------------------
