@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from diagnose.documents import DEFAULT_CHUNK_ROWS, measure_collapse
 from diagnose.io import EmbeddingSet, InputError, load_checkpoint, load_embeddings, resolve_epochs
+from diagnose.sparsity import min_active
 
 RETRIEVAL_DIRECTIONS = ("vision->text", "text->vision")
 
@@ -40,7 +40,7 @@ class EpochLosses:
     validation_loss: float | None
     train: dict[str, float] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
-    # Share of the epoch's steps in which the component had active == 0 (it gave no signal).
+    # Share of the epoch's steps in which the component gave no signal (active below its minimum).
     zero_share: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,7 +116,8 @@ def read_training_log(path: str | Path) -> TrainingLog:
             losses.train[name] = _mean(values)
             present = [record for record in steps if name in (record.get("components") or {})]
             if present:
-                losses.zero_share[name] = sum(_component(record, name).get("active") == 0 for record in present) / len(present)
+                starved = [_component(record, name).get("active", 0) < min_active(name) for record in present]
+                losses.zero_share[name] = sum(starved) / len(present)
             if validation is not None and name in (validation.get("components") or {}):
                 losses.validation[name] = _finite_or_none(_component(validation, name).get("value"))
         epochs[epoch] = losses
@@ -157,37 +158,14 @@ def _mean(values) -> float | None:
 def loss_sparsity(log: TrainingLog) -> dict:
     """Summarise the loss-signal sparsity of every component over all step records.
 
-    Per component: ``steps`` (step records that carry it), ``zero_share`` (share of those with
-    ``active == 0``: the term gave no gradient signal), ``active`` quantiles, and ``weighted_share``: the
-    component's share of the summed weighted loss, sum(weight x value) / sum over components of
-    sum(|weight x value|), over all steps.
+    The figures are those of ``diagnose sparsity`` (:func:`diagnose.sparsity.summarize_components`): a
+    step gives a component no signal when its active count is below the component's minimum.
     """
-    weighted_totals = {}
-    summary = {}
-    for name in log.components:
-        present = [_component(record, name) for record in log.step_records if name in (record.get("components") or {})]
-        active = np.array([item["active"] for item in present if _finite_or_none(item.get("active")) is not None],
-                          dtype=np.float64)
-        weighted_totals[name] = 0.0
-        for item in present:
-            value = _finite_or_none(item.get("value"))
-            weight = item.get("weight")
-            if value is not None:
-                weighted_totals[name] += (1.0 if weight is None else float(weight)) * value
-        summary[name] = {
-            "steps": len(present),
-            "zero_share": float(np.mean(active == 0)) if active.size else None,
-            "active": {
-                "min": float(active.min()) if active.size else None,
-                "median": float(np.median(active)) if active.size else None,
-                "p95": float(np.percentile(active, 95)) if active.size else None,
-                "max": float(active.max()) if active.size else None,
-            },
-        }
-    grand_total = sum(abs(total) for total in weighted_totals.values())
-    for name in log.components:
-        summary[name]["weighted_share"] = weighted_totals[name] / grand_total if grand_total > 0 else None
-    return summary
+    from diagnose.sparsity import summarize_components
+
+    records = [record for record in log.step_records if isinstance(record.get("components"), dict)]
+    return summarize_components(records) if records else {}
+
 
 
 # --------------------------------------------------------------------------------------------------
