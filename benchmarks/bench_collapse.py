@@ -10,6 +10,7 @@ speed drifts. Peak resident memory is read from each finished process (ru_maxrss
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -37,10 +38,19 @@ print(float(np.trace(gram)))
 """
 
 
-def write_matrix(path: Path, rows: int, dim: int, seed: int) -> None:
-    """Write a float32 [rows, dim] matrix with a decaying spectrum and page structure, chunk by chunk."""
+def write_matrix(path: Path, rows: int, dim: int, seed: int, near_singular: bool = False) -> None:
+    """Write a float32 [rows, dim] matrix with a decaying spectrum and an offset, chunk by chunk.
+
+    By default the standard deviations along a random rotation fall from 1 to 0.02 (covariance
+    eigenvalues from 1 to 4e-4). ``near_singular`` mixes with a random square Gaussian matrix instead,
+    whose smallest eigenvalues fall to about 1e-8 of the largest: that spectrum takes the float64 pass.
+    """
     rng = np.random.default_rng(seed)
-    mixing = rng.standard_normal((dim, dim)).astype(np.float32) * np.geomspace(1.0, 0.02, dim, dtype=np.float32)
+    if near_singular:
+        mixing = rng.standard_normal((dim, dim)).astype(np.float32) * np.geomspace(1.0, 0.02, dim, dtype=np.float32)
+    else:
+        rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+        mixing = (np.geomspace(1.0, 0.02, dim)[:, None] * rotation.T).astype(np.float32)
     header = {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)}
     with open(path, "wb") as handle:
         np.lib.format.write_array_header_1_0(handle, header)
@@ -67,14 +77,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each command")
     parser.add_argument("--chunk-rows", type=int, default=32_768)
     parser.add_argument("--keep", type=Path, help="folder to keep the generated file in (reused when present)")
+    parser.add_argument("--near-singular", action="store_true",
+                        help="a spectrum down to 1e-8 of its largest eigenvalue, which takes the float64 pass")
     args = parser.parse_args()
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench-collapse-"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"matrix_{args.rows}x{args.dim}.npy"
+    kind = "near_singular" if args.near_singular else "spread"
+    path = folder / f"{kind}_{args.rows}x{args.dim}.npy"
     if not path.exists():
         print(f"writing {path} ...", flush=True)
-        write_matrix(path, args.rows, args.dim, seed=0)
+        write_matrix(path, args.rows, args.dim, seed=0, near_singular=args.near_singular)
     size_gib = path.stat().st_size / 2**30
 
     plain = [sys.executable, "-c", PLAIN_PASS, str(path), str(args.chunk_rows)]
@@ -95,8 +108,9 @@ def main() -> None:
     report_peak = peak_memory(report)
     plain_peak = peak_memory(plain)
 
-    print(f"input: {args.rows:,} x {args.dim} float32 ({size_gib:.2f} GiB), {os.cpu_count()} CPU(s), "
-          f"chunk {args.chunk_rows:,} rows")
+    precision = json.loads(report_json.read_text())["modalities"]["fused"]["gram_precision"]
+    print(f"input: {args.rows:,} x {args.dim} float32 ({size_gib:.2f} GiB, {kind} spectrum), {os.cpu_count()} CPU(s), "
+          f"chunk {args.chunk_rows:,} rows, second moment: {precision}")
     print(f"plain X^T X pass:        median {np.median(plain_times):7.2f} s  peak RSS {plain_peak:7.0f} MiB")
     print(f"diagnose collapse:       median {np.median(report_times):7.2f} s  peak RSS {report_peak:7.0f} MiB")
     print(f"ratio report / plain:    median {np.median(ratios):7.2f}  (goal <= 2.0; pairs: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -72,6 +73,51 @@ def show_warnings(command):
                         click.echo(f"warning: {text}", err=True)
 
     return wrapper
+
+
+# Files and folders of a run directory that outputs must never replace.
+RUN_ARTIFACTS = ("run.json", "metrics.jsonl", "embeddings", "checkpoints", "cache")
+
+
+def check_outputs(outputs: dict, inputs: list) -> None:
+    """Reject, before any work, output paths that would replace an input or cannot be written.
+
+    An output may not be an input file, the page-id sidecar of an input file, anything inside an input
+    Zarr store, or an artifact of an input run directory (run.json, metrics.jsonl, embeddings/,
+    checkpoints/, cache/). Its folder must exist. ``-`` (stdout) and unset outputs are skipped.
+    """
+    from diagnose.io import InputError
+
+    protected_files = set()
+    protected_trees = []
+    for entry in inputs:
+        if entry is None or str(entry) == "":
+            continue
+        path = Path(entry).resolve()
+        if path.is_dir():
+            if (path / ".zgroup").is_file() or (path / "zarr.json").is_file():
+                protected_trees.append(path)
+            else:
+                protected_trees.extend(path / name for name in RUN_ARTIFACTS)
+        else:
+            protected_files.add(path)
+            if path.suffix == ".safetensors":
+                protected_files.add(path.with_name(path.name[: -len(".safetensors")] + ".pages.json"))
+            if path.parent.name == "checkpoints":
+                protected_trees.extend(path.parent.parent / name for name in RUN_ARTIFACTS)
+
+    for option, target in outputs.items():
+        if target is None or str(target) in ("", "-"):
+            continue
+        destination = Path(target)
+        if destination.is_dir():
+            raise InputError(f"{option} {destination}: is a directory")
+        folder = destination.parent if str(destination.parent) else Path(".")
+        if not folder.is_dir():
+            raise InputError(f"{option} {destination}: folder {folder} does not exist")
+        resolved = destination.resolve()
+        if resolved in protected_files or any(resolved == tree or tree in resolved.parents for tree in protected_trees):
+            raise InputError(f"{option} {destination}: would overwrite an input; choose another output path")
 
 
 def write_json(document: dict, target: str) -> None:
@@ -146,6 +192,7 @@ def collapse(path, json_target, modalities, last_only, data_manifest, min_rank_r
     else healthy. The verdict of the fused embedding is the overall verdict. A run directory is measured
     epoch by epoch, and the first collapsed epoch is reported.
     """
+    check_outputs({"--json": json_target}, [path, data_manifest])
     from diagnose.collapse import VerdictThresholds
     from diagnose.documents import collapse_document
     from diagnose.io import CheckpointWithoutEmbeddings
@@ -287,7 +334,7 @@ def _parse_ks(context, parameter, value: str | None) -> list[int] | None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="auto: use a GPU when FAISS sees one.")
 @click.option("--last-only", is_flag=True, help="For a run directory, measure only the last epoch.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampled queries and of IVF k-means.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of the sampled queries and of IVF k-means.")
 @click.option("--json", "json_target", metavar="FILE", help="Write the retrieval/1 JSON document to FILE ('-' = stdout).")
 @handle_input_errors
 @show_warnings
@@ -303,6 +350,7 @@ def retrieval(path, query, gallery, one_way, ks, scope, index, depth, nprobe, sa
     out. PATH is a run directory (every epoch, plus the full table of the last), a checkpoint or an
     embedding file. Exact search is tiled, so memory stays O(tile x gallery).
     """
+    check_outputs({"--json": json_target}, [path])
     from diagnose.documents import retrieval_document
     from diagnose.render import render_retrieval
 
@@ -339,7 +387,7 @@ def retrieval(path, query, gallery, one_way, ks, scope, index, depth, nprobe, sa
                    "auto: exact for random, simulate for balanced.")
 @click.option("--simulated-epochs", default=200, show_default=True, type=click.IntRange(min=2),
               help="Epochs the simulation draws; its standard error shrinks as 1 / sqrt(epochs).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the simulation.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of the simulation.")
 @click.option("--target", default=0.01, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Zero share that the suggested smallest batch size keeps every component under.")
 @click.option("--max-zero-share", default=0.05, show_default=True, type=click.FloatRange(0, 1),
@@ -365,6 +413,7 @@ def sparsity(path, batch_size, config_path, overrides, sampler, method, simulate
     split. It gives each component's zero share and expected active count per step, and the smallest batch
     size that keeps every zero share under --target.
     """
+    check_outputs({"--json": json_target}, [path, config_path])
     from diagnose.render import render_sparsity
     from diagnose.sparsity import PredictionRequest, sparsity_document
 
@@ -415,6 +464,9 @@ def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markd
     bound but no --baseline is given. When GITHUB_STEP_SUMMARY is set, the Markdown table is appended to
     that file.
     """
+    check_outputs({"--json": json_target, "--junit": junit_path, "--markdown": markdown_path,
+                   "GITHUB_STEP_SUMMARY": os.environ.get("GITHUB_STEP_SUMMARY")},
+                  [*paths, rules_path, baseline_path])
     from diagnose.gate import load_baseline, load_rules, run_gate
     from diagnose.gate_reports import append_step_summary, gate_junit, gate_markdown
     from diagnose.io import write_text_atomically
@@ -456,6 +508,7 @@ def baseline(paths, output, rules_path, epoch):
     `retrieval` or `sparsity`. The baseline/1 file contains the whole documents, so later rules may read any
     metric of them.
     """
+    check_outputs({"-o": output}, [*paths, rules_path])
     from diagnose.gate import build_baseline, load_rules
 
     rules = load_rules(rules_path) if rules_path is not None else None
@@ -506,7 +559,7 @@ def _terminal_progress_line(message: str) -> None:
               help="Pairs of panels sampled (seeded) for each pairwise-cosine histogram.")
 @click.option("--no-retrieval", is_flag=True,
               help="Skip vision/text retrieval, which ranks every panel against all others in every epoch.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every sample and of UMAP.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of every sample and of UMAP.")
 @handle_input_errors
 @show_warnings
 def report(path, output, json_target, map_method, map_points, histogram_pairs, no_retrieval, seed):
@@ -519,6 +572,7 @@ def report(path, output, json_target, map_method, map_points, histogram_pairs, n
     epoch has the lowest validation loss in metrics.jsonl, else it is the epoch of checkpoints/best.pt.
     The file has no script and no external address, so it opens offline.
     """
+    check_outputs({"-o": output, "--json": json_target}, [path])
     from diagnose.render import render_report
     from diagnose.io import write_text_atomically
     from diagnose.report import ReportOptions, build_report
@@ -545,7 +599,7 @@ def report(path, output, json_target, map_method, map_points, histogram_pairs, n
               help="Write a self-contained HTML page with the trajectories of both runs overlaid.")
 @click.option("--last-only", is_flag=True, help="Print only the last epochs in the terminal (the JSON has every epoch).")
 @click.option("--no-retrieval", is_flag=True, help="Skip vision/text retrieval in both runs.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampled metrics.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of the sampled metrics.")
 @handle_input_errors
 @show_warnings
 def compare(run_a, run_b, json_target, html_path, last_only, no_retrieval, seed):
@@ -555,6 +609,7 @@ def compare(run_a, run_b, json_target, html_path, last_only, no_retrieval, seed)
     Epochs are matched by number; an epoch present in one run only is listed with the other side
     empty. The last epochs (and the best epochs) of the two runs are also compared with each other.
     """
+    check_outputs({"--json": json_target, "--html": html_path}, [run_a, run_b])
     from diagnose.compare import compare_html, compare_runs
     from diagnose.render import render_compare
     from diagnose.io import write_text_atomically

@@ -51,6 +51,8 @@ def dask_collapse_metrics(
             f"{tuple(embeddings.shape)} and {tuple(masks.shape)}"
         )
 
+    if np.dtype(embeddings.dtype).kind != "f":
+        raise InputError(f"{path}: panel_embeddings has dtype {embeddings.dtype}; expected floating point")
     page_chunks = pages_per_block or embeddings.chunks[0][0]
     embeddings = embeddings.rechunk((page_chunks, -1, -1))
     masks = masks.astype(bool).rechunk((page_chunks, -1))
@@ -69,7 +71,12 @@ def dask_collapse_metrics(
             embeddings.to_delayed().ravel(), masks.to_delayed().ravel(), page_offsets, row_offsets
         )
     ]
-    (accumulator,) = dask.compute(_tree(partials, _merge))
+    try:
+        (accumulator,) = dask.compute(_tree(partials, _merge))
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from None
+    except Exception as error:  # zarr codecs raise many types for damaged chunks
+        raise InputError(f"{path}: cannot read the store ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})") from None
 
     if accumulator.needs_exact_gram():
         grams = [

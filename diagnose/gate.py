@@ -403,6 +403,8 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: not a readable JSON file ({_first_line(error)})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a diagnose document") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -106,6 +106,8 @@ class NpyArray(ArraySource):
             self.offset = handle.tell()
         if dtype.hasobject:
             raise InputError(f"{path}: holds Python objects (pickle), which are never loaded")
+        if dtype.kind not in "fiu":
+            raise InputError(f"{path}: array has dtype {dtype}; embeddings must be real numbers (float or int)")
         if fortran and len(shape) > 1:
             raise InputError(f"{path}: Fortran-ordered arrays are not supported; save it C-ordered")
         self.dtype = dtype
@@ -116,12 +118,24 @@ class NpyArray(ArraySource):
             raise InputError(f"{path}: file is truncated ({actual} bytes, header promises {expected})")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        row_bytes = self.shape[1] * self.dtype.itemsize
         out = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
         with open(self.path, "rb") as handle:
-            handle.seek(self.offset + start * row_bytes)
-            handle.readinto(memoryview(out).cast("B"))
+            self._read_into(handle, start, out)
         return out
+
+    def chunks(self, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start row, block) pairs; every block is a view of one reused buffer, valid until the next."""
+        buffer = np.empty((min(chunk_rows, self.rows), self.shape[1]), dtype=self.dtype)
+        with open(self.path, "rb") as handle:
+            for start in range(0, self.rows, chunk_rows):
+                block = buffer[: min(chunk_rows, self.rows - start)]
+                self._read_into(handle, start, block)
+                yield start, block
+
+    def _read_into(self, handle, start: int, out: np.ndarray) -> None:
+        handle.seek(self.offset + start * self.shape[1] * self.dtype.itemsize)
+        if handle.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise InputError(f"{self.path}: file ended early while reading row {start}")
 
 
 class SafetensorsArray(ArraySource):
@@ -156,7 +170,13 @@ class ZarrPanelArray(ArraySource):
     def read(self, start: int, stop: int) -> np.ndarray:
         first_page = int(np.searchsorted(self.page_starts, start, side="right") - 1)
         last_page = int(np.searchsorted(self.page_starts, stop, side="left"))
-        block = np.asarray(self.embeddings[first_page:last_page])
+        try:
+            block = np.asarray(self.embeddings[first_page:last_page])
+        except Exception as error:  # zarr and its codecs raise many types for damaged chunks
+            raise InputError(
+                f"{self.path}: cannot read panel_embeddings of pages {first_page} to {last_page - 1} "
+                f"({_first_line(error)})"
+            ) from None
         valid = block[self.masks[first_page:last_page]]
         offset = start - int(self.page_starts[first_page])
         return valid[offset: offset + (stop - start)]

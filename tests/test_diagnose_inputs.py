@@ -207,3 +207,26 @@ def test_overflowing_rows(tmp_path, matrix):
     huge[9] = 3e30  # finite in float32, but its square is not
     np.save(tmp_path / "huge.npy", huge)
     assert_input_error(run_collapse(tmp_path / "huge.npy"), "overflow")
+
+
+def test_outputs_never_replace_inputs(tmp_path, matrix):
+    save_file({"fused": matrix}, str(tmp_path / "v.safetensors"))
+    (tmp_path / "v.pages.json").write_text("[]")
+    before = (tmp_path / "v.safetensors").read_bytes()
+    for target in ("v.safetensors", "v.pages.json", "../" + tmp_path.name + "/v.safetensors"):
+        result = CliRunner().invoke(main, ["collapse", str(tmp_path / "v.safetensors"), "--json", str(tmp_path / target)])
+        assert_input_error(result, "would overwrite an input")
+    assert (tmp_path / "v.safetensors").read_bytes() == before
+    assert (tmp_path / "v.pages.json").read_text() == "[]"
+
+
+def test_output_folder_checked_before_work(tmp_path, matrix):
+    np.save(tmp_path / "a.npy", matrix)
+    result = run_collapse(tmp_path / "a.npy", "--json", tmp_path / "missing" / "out.json")
+    assert_input_error(result, "folder")
+
+
+@pytest.mark.parametrize("dtype", ["U3", "S3", "complex64", "datetime64[s]"])
+def test_npy_with_non_real_dtype(tmp_path, dtype):
+    np.save(tmp_path / "odd.npy", np.zeros((4, 3), dtype=dtype))
+    assert_input_error(run_collapse(tmp_path / "odd.npy"), "dtype")
