@@ -279,6 +279,8 @@ def test_refuses_non_empty_run_directory(tmp_path):
     with pytest.raises(TrainerError, match="not empty"):
         loop.fit(config, tmp_path / "run", console=quiet_console())
 
+    # --overwrite replaces only a folder whose run.json marks it as a run of this trainer.
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"format": "collapse-toolkit/run"}))
     stale = tmp_path / "run" / "embeddings" / "epoch_0009.safetensors"
     stale.parent.mkdir()
     stale.write_bytes(b"old")

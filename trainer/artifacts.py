@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 from collections.abc import Iterator
@@ -37,11 +38,17 @@ import torch
 
 from trainer.config import TrainerError
 
+RUN_FORMAT = "collapse-toolkit/run"
 EMBEDDINGS_FORMAT = "collapse-toolkit/embeddings"
 CHECKPOINT_FORMAT = "collapse-toolkit/checkpoint"
 FORMAT_VERSION = 1
-# Files and folders that a run owns; --overwrite deletes only these and keeps the feature cache.
-RUN_ARTIFACTS = ("run.json", "metrics.jsonl", "embeddings", "checkpoints")
+# The files a run writes, relative to its folder. --overwrite deletes only these and temporaries, so
+# the feature cache and any other file in the folder are kept.
+RUN_FILES = ("run.json", "metrics.jsonl")
+EMBEDDINGS_FILES = re.compile(r"epoch_\d{4,}\.(safetensors|pages\.json)")
+CHECKPOINT_FILES = re.compile(r"epoch_\d{4,}\.pt|last\.pt|best\.pt")
+# The feature cache folder may be all that a run left when it stopped before writing run.json.
+CACHE_DIR_NAME = "cache"
 CRASH_IN_CHECKPOINT_VARIABLE = "COLLAPSE_TOOLKIT_CRASH_IN_CHECKPOINT"
 
 log = logging.getLogger(__name__)
@@ -107,35 +114,89 @@ class RunDirectory:
         self._metrics = None
 
     def check_writable(self, overwrite: bool) -> None:
-        """Raise TrainerError if the folder cannot take a new run: a file, or non-empty without ``overwrite``."""
+        """Raise TrainerError unless the folder can take a new run.
+
+        The folder must be creatable and writable, and empty unless ``overwrite`` is set. With
+        ``overwrite``, a non-empty folder must contain a run of this trainer: a ``run.json`` whose
+        ``format`` is ``collapse-toolkit/run``, or only the feature cache of a run that stopped
+        before writing it. The folder is created and written to as a test, then left as it was.
+        """
         if self.path.exists() and not self.path.is_dir():
             raise TrainerError(f"{self.path}: exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            raise TrainerError(f"{self.path}: run directory is not empty; pass --overwrite to replace its run")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not overwrite:
+                raise TrainerError(f"{self.path}: run directory is not empty; pass --overwrite to replace its run")
+            self._check_is_run()
+        self._probe_write()
 
-    def prepare(self, overwrite: bool) -> None:
-        """Create the folders. With ``overwrite``, first delete the previous run's artifacts.
+    def _check_is_run(self) -> None:
+        if not self.run_json_path.is_file():
+            if {entry.name for entry in self.path.iterdir()} <= {CACHE_DIR_NAME}:
+                return
+            raise TrainerError(
+                f"{self.path}: not a run directory of this trainer (no run.json), so --overwrite "
+                "will not delete anything in it. Choose an empty or new --out folder"
+            )
+        try:
+            info = json.loads(self.run_json_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise TrainerError(
+                f"{self.run_json_path}: cannot read run information ({error}), so --overwrite will not "
+                "delete anything in this folder. Choose an empty or new --out folder"
+            ) from None
+        if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
+            raise TrainerError(
+                f"{self.path}: not a run directory of this trainer (run.json has no format={RUN_FORMAT!r}), "
+                "so --overwrite will not delete anything in it. Choose an empty or new --out folder"
+            )
 
-        Other files, such as the feature cache, are kept. Call ``check_writable`` first.
+    def _probe_write(self) -> None:
+        """Create the folder and a temporary file in it, so a read-only or impossible path fails now.
+
+        Folders that the probe creates are removed again, so a config or data error later in setup
+        leaves no empty run directory behind.
         """
         if not self.writer:
             return
-        if overwrite:
-            for name in RUN_ARTIFACTS:
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        self.embeddings_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        created = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
+        probe = self.path / f".write-probe.tmp-{os.getpid()}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise TrainerError(f"{self.path}: cannot create or write the run directory ({_reason(error)})") from None
+        finally:
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create the folders. With ``overwrite``, first delete the files of the previous run.
+
+        Only the files listed in ``RUN_FILES``, ``EMBEDDINGS_FILES`` and ``CHECKPOINT_FILES`` and
+        temporaries are deleted, so the feature cache and other files stay. Call ``check_writable``
+        first, which checks that the folder contains a run of this trainer.
+        """
+        if not self.writer:
+            return
+        with _write_errors(self.path):
+            if overwrite:
+                for name in RUN_FILES:
+                    (self.path / name).unlink(missing_ok=True)
+                _delete_matching(self.embeddings_dir, EMBEDDINGS_FILES)
+                _delete_matching(self.checkpoints_dir, CHECKPOINT_FILES)
+                self.remove_stale_temporaries()
+            self.embeddings_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
 
     # ----------------------------------------------------------------------------------------------
     # run.json and metrics.jsonl
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         if self.writer:
-            write_json(self.run_json_path, info)
+            with _write_errors(self.run_json_path):
+                write_json(self.run_json_path, info)
 
     def read_run_info(self) -> dict[str, Any]:
         try:
@@ -152,6 +213,10 @@ class RunDirectory:
         """
         if not self.writer:
             return
+        with _write_errors(self.metrics_path):
+            self._open_metrics(keep_through_epoch, keep_through_step)
+
+    def _open_metrics(self, keep_through_epoch: int | None, keep_through_step: int | None) -> None:
         if keep_through_epoch is not None and self.metrics_path.exists():
             kept_lines = []
             dropped = 0
@@ -169,8 +234,9 @@ class RunDirectory:
     def log_metrics(self, record: dict[str, Any]) -> None:
         if not self.writer:
             return
-        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
-        self._metrics.flush()
+        with _write_errors(self.metrics_path):
+            self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+            self._metrics.flush()
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files that a killed run left in the run folder; return their paths.
@@ -224,9 +290,10 @@ class RunDirectory:
             "has_text": has_text.detach().to(torch.uint8).cpu().contiguous(),
         }
         metadata = {"format": EMBEDDINGS_FORMAT, "version": str(FORMAT_VERSION), "epoch": str(epoch), "split": split}
-        with atomic_write(self.embeddings_dir / name) as temporary:
-            save_file(tensors, str(temporary), metadata=metadata)
-        write_json(self.embeddings_dir / name.replace(".safetensors", ".pages.json"), page_ids)
+        with _write_errors(self.embeddings_dir / name):
+            with atomic_write(self.embeddings_dir / name) as temporary:
+                save_file(tensors, str(temporary), metadata=metadata)
+            write_json(self.embeddings_dir / name.replace(".safetensors", ".pages.json"), page_ids)
         return f"embeddings/{name}"
 
     def save_checkpoint(self, checkpoint: dict[str, Any], is_best: bool) -> Path:
@@ -234,14 +301,37 @@ class RunDirectory:
         epoch_path = self.checkpoints_dir / checkpoint_name(int(checkpoint["epoch"]))
         if not self.writer:
             return epoch_path
-        with atomic_write(epoch_path) as temporary:
-            torch.save(checkpoint, temporary)
-            if os.environ.get(CRASH_IN_CHECKPOINT_VARIABLE) == str(checkpoint["epoch"]):
-                os.kill(os.getpid(), signal.SIGKILL)
-        targets = ["last.pt"] + (["best.pt"] if is_best else [])
-        for name in targets:
-            _link_or_copy(epoch_path, self.checkpoints_dir / name)
+        with _write_errors(epoch_path):
+            with atomic_write(epoch_path) as temporary:
+                torch.save(checkpoint, temporary)
+                if os.environ.get(CRASH_IN_CHECKPOINT_VARIABLE) == str(checkpoint["epoch"]):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            targets = ["last.pt"] + (["best.pt"] if is_best else [])
+            for name in targets:
+                _link_or_copy(epoch_path, self.checkpoints_dir / name)
         return epoch_path
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Turn an OSError (permission denied, disk full, read-only filesystem) into a one-line TrainerError."""
+    try:
+        yield
+    except OSError as error:
+        target = error.filename or path
+        raise TrainerError(f"{target}: cannot write run artifact ({_reason(error)})") from None
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _delete_matching(folder: Path, pattern: re.Pattern[str]) -> None:
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if pattern.fullmatch(entry.name) and not entry.is_dir():
+            entry.unlink(missing_ok=True)
 
 
 def _keeps_record(line: str, last_epoch: int, last_step: int | None) -> bool:

@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         prefix = "trainer" if rank == "0" else f"trainer (rank {rank})"
         click.echo(f"{prefix}: error: {error}", err=True)
         sys.exit(error.exit_code)
+    except OSError as error:
+        # The run directory turns its own write errors into TrainerError. This catches the rest, for
+        # example a feature cache folder that cannot be written.
+        click.echo(f"trainer: error: {error}", err=True)
+        sys.exit(TrainerError.exit_code)
     except KeyboardInterrupt:
         click.echo("trainer: interrupted", err=True)
         sys.exit(130)

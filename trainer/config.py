@@ -31,6 +31,11 @@ from pathlib import Path
 from typing import Any
 
 
+# Largest seed accepted. NumPy, torch and Python's random all take it, and torch.Generator still takes
+# it plus the small per-stream and per-rank offsets that the loop adds (torch accepts up to 2**64 - 1).
+MAX_SEED = 2**63 - 1
+
+
 class TrainerError(Exception):
     """Bad input for the trainer: the message is one line naming the file or key and the problem."""
 
@@ -416,6 +421,8 @@ def validate_config(config: TrainConfig, source: str = "config") -> None:
         ("debug.nan_steps", config.debug.nan_steps >= 1, "at least 1"),
         ("debug.nan_in", config.debug.nan_in in ("loss", "gradient"), "loss or gradient"),
         ("device", _valid_device(config.device), "auto, cpu, cuda or cuda:N"),
+        ("seed", 0 <= config.seed <= MAX_SEED, f"an integer from 0 to {MAX_SEED} (2**63 - 1)"),
+        ("data.seed", 0 <= config.data.seed <= MAX_SEED, f"an integer from 0 to {MAX_SEED} (2**63 - 1)"),
     ]
     if config.objectives.alignment_temperature is not None:
         checks.append(

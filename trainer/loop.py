@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trainer import distributed
-from trainer.artifacts import CHECKPOINT_FORMAT, FORMAT_VERSION, RunDirectory, load_checkpoint
+from trainer.artifacts import CHECKPOINT_FORMAT, FORMAT_VERSION, RUN_FORMAT, RunDirectory, load_checkpoint
 from trainer.config import TrainConfig, TrainerError, config_from_dict, config_to_dict
 from trainer.data import (
     PanelBatch,
@@ -813,7 +813,7 @@ def run_info(run: Run) -> dict[str, Any]:
     dataset = run.dataset
     val_panels = sum(len(dataset.pages[index].panels) for index in run.val_pages)
     return {
-        "format": "collapse-toolkit/run",
+        "format": RUN_FORMAT,
         "version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": config_to_dict(run.config),
