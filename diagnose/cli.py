@@ -30,10 +30,16 @@ def _stderr_console():
 
 
 def _stdout_console(json_target: str | None):
-    """Tables go to stdout, unless the JSON document goes there."""
+    """Tables go to stdout, unless the JSON document goes there.
+
+    A pipe or a CI log gets 160 columns rather than rich's default of 80, so that figures are not cut.
+    """
     from rich.console import Console
 
-    return Console(stderr=json_target == "-")
+    console = Console(stderr=json_target == "-")
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=json_target == "-", width=160)
+    return console
 
 
 def handle_input_errors(command):

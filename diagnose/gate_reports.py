@@ -5,6 +5,7 @@ The rich table is in :mod:`diagnose.render`, which uses the bound and delta text
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import xml.etree.ElementTree as ElementTree
@@ -78,7 +79,9 @@ def gate_markdown(document: dict) -> str:
 
 
 def _markdown_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    # GitHub renders HTML inside Markdown, so names and reasons from rule files are escaped as text.
+    escaped = html.escape(text, quote=False)
+    return escaped.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def gate_junit(document: dict) -> str:

@@ -633,6 +633,10 @@ def write_text_atomically(text: str, target: str | Path, option: str) -> None:
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
+        # mkstemp creates the file readable by its owner only; give it the usual permissions instead.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, destination)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

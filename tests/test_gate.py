@@ -690,7 +690,7 @@ def test_markdown_report(tmp_path):
         assert row.replace("\\|", "").count(" | ") + 1 == header_cells, row
     assert table[2].startswith("| **FAIL** | fused rank | `collapse.modalities.fused.effective_rank_ratio` | 0.1 |")
     assert table[2].endswith("| 0.1 is below min 0.3 |")
-    assert "pipes \\| and <xml>" in table[4]
+    assert "pipes \\| and &lt;xml&gt; &amp; quotes" in table[4]
 
 
 def test_github_step_summary_appended(tmp_path):
