@@ -136,7 +136,7 @@ def approximate_worker(args) -> dict:
     vision, text = generate_pairs(args.approx_pairs, args.dim, args.seed + 1, args.approx_clusters, args.spread,
                                   args.noise, args.centre_scale)
     generated = time.perf_counter() - began
-    params = {"nprobe": args.nprobe} if args.index == "ivf" else {"ef_search": args.ef_search}
+    params = {"nprobe": args.nprobe, "search": args.ivf_search} if args.index == "ivf" else {"ef_search": args.ef_search}
     result, wall, cpu = timed(bidirectional_retrieval, vision, text, scopes=["global"], normalized=True,
                               index=args.index, index_params=params, sample=args.sample, device="cpu")
     return {
@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="alternating floor/evaluation rounds (best of)")
     parser.add_argument("--index", choices=["ivf", "hnsw"], default="ivf")
     parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--ivf-search", choices=["lists", "faiss"], default="lists",
+                        help="lists: score each probed list with one matrix product; faiss: IndexIVFFlat search")
     parser.add_argument("--ef-search", type=int, default=128)
     parser.add_argument("--sample", type=int, default=1000, help="queries checked against exact search")
     parser.add_argument("--json", help="also write the figures to this file")
