@@ -853,8 +853,8 @@ def retrieval_ranks(
     """Rank every query against the gallery and return the per-query counts (see :class:`RankCounts`).
 
     With ``query_pages`` and ``gallery_pages`` each query is ranked only against its own page, always
-    exactly. Otherwise it is ranked against the whole gallery, exactly with ``index="flat"`` or from the
-    top ``depth`` results of a FAISS ``"ivf"`` or ``"hnsw"`` index. ``normalized=True`` skips the L2
+    exactly. Otherwise it is ranked against the whole gallery, exactly with ``index="flat"`` or
+    approximately with ``"ivf"`` or ``"hnsw"`` (see :func:`_approximate_ranks`). ``normalized=True`` skips the L2
     normalisation and its NaN check for rows the caller has already normalised with
     :func:`normalize_rows`. ``tile`` sets the number of query rows per matrix product (default: as many
     as fit in 256 MiB of scores).
@@ -1003,9 +1003,10 @@ def bidirectional_retrieval(
     page scope is not requested. ``ks`` adds recall cut-offs to recall@1, 5 and 10, and a requested K above
     the gallery size is an input error.
 
-    With ``index="ivf"`` or ``"hnsw"`` the global scope uses FAISS top-``depth`` search (default
-    max(100, largest K)), and each direction reports ``approx_recall_loss``: exact minus approximate
-    recall@K on a seeded sample of ``sample`` queries. Page scope is always exact.
+    With ``index="ivf"`` or ``"hnsw"`` the global scope is approximate (see :func:`_approximate_ranks`;
+    ``depth`` defaults to max(100, largest K) where it applies). Each direction then reports
+    ``approx_recall_loss``, exact minus approximate recall@K on a seeded sample of ``sample`` queries.
+    Page scope is always exact.
     """
     if names[0] == names[1]:
         raise InputError(f"query and gallery modalities must differ, got {names[0]!r} twice")
