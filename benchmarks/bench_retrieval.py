@@ -4,12 +4,13 @@ retrieval at a larger scale with its measured recall loss.
 Exact part: N vision/text pairs (default 100,000, D = 512) are ranked in both directions over the whole
 gallery. The floor is the two products Q @ G.T (vision against text and text against vision), computed
 tile by tile with the same tile height and discarded. Floor and evaluation run in turn in one worker
-process, so the ratio holds while the speed of a shared machine drifts. Peak resident memory is the
+process, so that both see similar load on a shared machine. Wall and CPU time (all threads of the worker)
+are both reported, because load from other jobs makes wall time noisy. Peak resident memory is the
 worker's VmHWM.
 
-Approximate part: a separate worker ranks N pairs (default 1,000,000) with a FAISS index in both
-directions and reports recall@K, the index's recall loss against exact search on a seeded sample of
-1,000 queries, time and peak memory.
+Approximate part: a separate worker ranks N pairs (default 1,000,000) with an approximate index (IVF by
+default) in both directions and reports recall@K, the index's recall loss against exact search on a
+seeded sample of 1,000 queries, time and peak memory.
 
 The data are seeded and clustered, and vision and text are two noisy views of one latent vector per pair,
 so that recall is neither 0 nor 1.
