@@ -74,7 +74,9 @@ def show_warnings(command):
                 seen = set()
                 for warning in caught:
                     text = str(warning.message)
-                    if text not in seen and not issubclass(warning.category, DeprecationWarning):
+                    # Deprecation and resource warnings concern this code, not the user's input.
+                    ignored = (DeprecationWarning, ResourceWarning)
+                    if text not in seen and not issubclass(warning.category, ignored):
                         seen.add(text)
                         click.echo(f"warning: {text}", err=True)
 

@@ -451,7 +451,8 @@ def _read_page_ids(path: Path) -> list[str]:
 
 def _load_npz(path: Path) -> EmbeddingSet:
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        # Open the file here so that it is closed even when numpy fails to parse the archive.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except ValueError as error:
         if "pickle" in str(error).lower():

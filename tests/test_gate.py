@@ -1027,6 +1027,6 @@ def test_bundled_rules_fail_collapse_run(tmp_path, bundled_run):
     assert result.exit_code == 1, result.output
     failed = {rule["name"] for rule in gate["rules"] if not rule["passed"]}
     assert {"fused spread", "fused mean cosine", "pages stay apart", "vision spread", "verdict"} <= failed
-    assert "FAIL rule 7 (verdict)" in result.output
+    assert "value 'complete_collapse' is not 'healthy'" in result.output
     assert "fused mean cosine" in result.output
     assert "above max 0.8" in result.output
