@@ -151,6 +151,13 @@ def _finite_or_null(value):
     return value
 
 
+def _finite(context, parameter, value):
+    """Reject NaN and infinite thresholds, which would make every comparison false."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="collapse-toolkit")
 def main():
@@ -174,13 +181,13 @@ def main():
 @click.option("--last-only", is_flag=True, help="For a run directory, measure only the last epoch.")
 @click.option("--data", "data_manifest", type=click.Path(path_type=Path), metavar="MANIFEST",
               help="For a checkpoint without its embedding file: dataset manifest CSV to re-embed.")
-@click.option("--min-rank-ratio", default=0.1, show_default=True, type=float,
+@click.option("--min-rank-ratio", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0), callback=_finite,
               help="dimensional_collapse below this effective_rank / min(N, D).")
-@click.option("--complete-std-ratio", default=0.1, show_default=True, type=float,
+@click.option("--complete-std-ratio", default=0.1, show_default=True, type=click.FloatRange(0.0, None), callback=_finite,
               help="complete_collapse below this std_l2 * sqrt(D).")
-@click.option("--complete-mean-cosine", default=0.95, show_default=True, type=float,
+@click.option("--complete-mean-cosine", default=0.95, show_default=True, type=click.FloatRange(-1.0, 1.0), callback=_finite,
               help="complete_collapse above this mean pairwise cosine.")
-@click.option("--group-intra-cosine", default=0.9, show_default=True, type=float,
+@click.option("--group-intra-cosine", default=0.9, show_default=True, type=click.FloatRange(-1.0, 1.0), callback=_finite,
               help="group_collapse above this mean cosine between panels of one page.")
 @click.option("--fail-on", type=click.Choice(["collapse", "never"]), default="never", show_default=True,
               help="'collapse': exit 1 when the verdict is not healthy.")

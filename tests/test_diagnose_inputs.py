@@ -230,3 +230,11 @@ def test_output_folder_checked_before_work(tmp_path, matrix):
 def test_npy_with_non_real_dtype(tmp_path, dtype):
     np.save(tmp_path / "odd.npy", np.zeros((4, 3), dtype=dtype))
     assert_input_error(run_collapse(tmp_path / "odd.npy"), "dtype")
+
+
+@pytest.mark.parametrize("option", ["--min-rank-ratio", "--complete-std-ratio", "--group-intra-cosine"])
+def test_non_finite_thresholds_rejected(tmp_path, matrix, option):
+    np.save(tmp_path / "a.npy", matrix)
+    result = run_collapse(tmp_path / "a.npy", option, "nan")
+    assert result.exit_code == 2
+    assert "not a finite number" in result.stderr
