@@ -114,6 +114,8 @@ class CollapseAccumulator:
         self.seed = seed
         self.sample = np.empty((0, dim), dtype=np.float64)
         self.sample_priority = np.empty(0, dtype=np.uint64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
         self.precision = precision
         self.gram_precision = "float32 blocks, float64 sum"
         self.page_pairs = 0  # ordered intra-page pairs: sum n_p (n_p - 1)
@@ -167,6 +169,7 @@ class CollapseAccumulator:
 
     def __getstate__(self) -> dict:
         # The work array is per process; never ship it with a partial accumulator.
+        self._flush_sample()
         state = dict(self.__dict__)
         state["_scratch_array"] = None
         return state
@@ -190,9 +193,20 @@ class CollapseAccumulator:
             candidates = np.arange(block.shape[0])
         if len(candidates) == 0:
             return
-        rows = (block[candidates] * inverse_norms[candidates, None]).astype(np.float64)
-        self._keep_smallest(np.concatenate([self.sample, rows]),
-                            np.concatenate([self.sample_priority, priorities[candidates]]))
+        # Candidates wait in a pool and are merged once it holds a sample's worth, so the sample is not
+        # copied for every block.
+        self._pending.append((block[candidates] * inverse_norms[candidates, None], priorities[candidates]))
+        self._pending_rows += len(candidates)
+        if self._pending_rows >= self.sample_rows:
+            self._flush_sample()
+
+    def _flush_sample(self) -> None:
+        if not self._pending:
+            return
+        rows = np.concatenate([self.sample, *(pending_rows for pending_rows, _ in self._pending)])
+        priorities = np.concatenate([self.sample_priority, *(pending for _, pending in self._pending)])
+        self._pending, self._pending_rows = [], 0
+        self._keep_smallest(rows.astype(np.float64, copy=False), priorities)
 
     def _keep_smallest(self, rows: np.ndarray, priorities: np.ndarray) -> None:
         if len(priorities) > self.sample_rows:
@@ -221,6 +235,8 @@ class CollapseAccumulator:
             self._open_pages[page] = (page_sum, page_count)
         if other.gram_precision != self.gram_precision:
             self.gram_precision = "float64" if "float64" in (other.gram_precision, self.gram_precision) else self.gram_precision
+        self._flush_sample()
+        other._flush_sample()
         self._keep_smallest(np.concatenate([self.sample, other.sample]),
                             np.concatenate([self.sample_priority, other.sample_priority]))
 
@@ -284,6 +300,7 @@ class CollapseAccumulator:
 
     def result(self, thresholds: VerdictThresholds = VerdictThresholds(), max_pairs: int = 2_000_000) -> dict:
         """Compute every collapse metric from the accumulated statistics."""
+        self._flush_sample()
         for page in list(self._open_pages):
             self._close_page(page)
         n, dim = self.n, self.dim
@@ -344,6 +361,7 @@ class CollapseAccumulator:
 
     def _cosine_summary(self, max_pairs: int) -> tuple[dict, float]:
         # Sort the sample by row index hash so the pair subsample does not depend on arrival order.
+        self._flush_sample()
         order = np.argsort(self.sample_priority, kind="stable")
         return sample_pair_statistics(self.sample[order], max_pairs=max_pairs, seed=self.seed)
 
