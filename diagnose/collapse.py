@@ -8,7 +8,7 @@ Exact statistics accumulate in float64 over row chunks, so memory is O(chunk x D
   the per-dimension standard deviation),
 - column sums and sums of squares of Ẑ (std_l2, the exact mean cosine),
 - per-page sums of Ẑ (exact intra-page and inter-page mean cosines),
-- a seeded reservoir sample of at most ``sample_rows`` rows of Ẑ for the sampled metrics (cosine spread
+- a seeded bottom-k sample (by a hash of the row index) of at most ``sample_rows`` rows of Ẑ for the sampled metrics (cosine spread
   and quantiles, uniformity).
 
 Metric definitions:
@@ -28,10 +28,10 @@ Metric definitions:
   the sphere and 0 for complete collapse.
 - ``cosine``: distribution of Ẑ_i · Ẑ_j over pairs i != j. The mean is exact,
   (||sum Ẑ||^2 - N) / (N (N - 1)). Standard deviation and quantiles come from a seeded sample of pairs
-  (``pairs_sampled`` tells its size; all pairs are used when the reservoir holds every row and there are
+  (``pairs_sampled`` tells its size; all pairs are used when the sample holds every row and there are
   at most ``max_pairs`` of them).
 - ``uniformity``: log of the mean over i != j of exp(-2 ||Ẑ_i - Ẑ_j||^2) (Wang and Isola, ICML 2020), over
-  the reservoir sample (at most 10,000 rows by default).
+  the sample (at most 10,000 rows by default).
 - ``groups``: mean cosine of distinct pairs within one page (``intra_cosine``) and across pages
   (``inter_cosine``), exact from per-page sums: sum over pages of (||S_p||^2 - n_p) divided by the number of
   ordered intra-page pairs, and the rest of the pairs for inter. ``null`` without page labels or when no
