@@ -313,8 +313,8 @@ class CheckpointWithoutEmbeddings(InputError):
 
     def __init__(self, path: Path, checkpoint: dict):
         super().__init__(
-            f"{path}: checkpoint has no embedding file next to it; pass --data DATASET to re-embed, "
-            "or read its weight-space diagnostics"
+            f"{path}: checkpoint has no embedding file next to it; pass its run directory instead, or "
+            "run `diagnose collapse CHECKPOINT --data MANIFEST` to re-embed a dataset with it"
         )
         self.path = path
         self.checkpoint = checkpoint
@@ -451,6 +451,8 @@ def _read_page_ids(path: Path) -> list[str]:
 
 def _load_npz(path: Path) -> EmbeddingSet:
     try:
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"{path}: not a .npz archive, or a truncated one (no zip directory found)")
         # Open the file here so that it is closed even when numpy fails to parse the archive.
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
