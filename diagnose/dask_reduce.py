@@ -76,7 +76,8 @@ def dask_collapse_metrics(
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
     except Exception as error:  # zarr codecs raise many types for damaged chunks
-        raise InputError(f"{path}: cannot read the store ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: cannot read the store ({reason})") from None
 
     if accumulator.needs_exact_gram():
         grams = [
