@@ -11,6 +11,18 @@ import pytest
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run torch on one thread in tests: two OpenMP threads slow down many times over when other jobs
+    share a 2-core machine. Training subprocesses keep their own setting."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def bundled_run(tmp_path_factory):
     """Return a function that trains ``configs/NAME`` on the fixtures once and returns its run directory."""

@@ -19,14 +19,6 @@ from trainer.sampler import BalancedBatchSampler
 from trainer_dataset import simple_dataset, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_sampler(panels, texts, batch_size, **options) -> BalancedBatchSampler:
     pages = list(range(100, 100 + len(panels)))
     return BalancedBatchSampler(pages, panels, texts, batch_size, **options)

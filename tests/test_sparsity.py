@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -32,14 +31,6 @@ from trainer.data import load_dataset
 from trainer_dataset import PageSpec, grid_page, simple_dataset, tiny_config, write_dataset
 
 WEIGHTS = {"contrastive": 1.0, "reconstruction": 0.5, "alignment": 0.3}
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def invoke(*args):

@@ -37,14 +37,6 @@ TORCHRUN_TIMEOUT = 300
 EMBEDDING_TOLERANCE = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def quiet_console() -> Console:
     return Console(file=io.StringIO(), width=200)
 

@@ -22,15 +22,6 @@ KEPT_TYPES = {"narrative", "story"}
 pytestmark = pytest.mark.skipif(not (FIXTURES / "manifest.csv").is_file(), reason="bundled fixtures not generated")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Two OpenMP threads slow down many times over when other jobs share the two cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def quiet_console() -> Console:
     return Console(file=io.StringIO(), width=200)
 

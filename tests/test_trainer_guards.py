@@ -23,14 +23,6 @@ COUNTS = [3, 2, 1, 4, 2, 3, 1, 2, 3, 2]
 STEPS_PER_EPOCH = 3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def quiet_console() -> Console:
     return Console(file=io.StringIO(), width=200)
 

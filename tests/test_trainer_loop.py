@@ -23,15 +23,6 @@ COUNTS = [3, 2, 1, 4, 2, 3, 1, 2, 3, 2]
 NO_TEXT = {(0, 1), (3, 0), (3, 2), (5, 2), (9, 0)}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Two OpenMP threads slow down many times over when other jobs share the two cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def quiet_console() -> Console:
     return Console(file=io.StringIO(), width=200)
 

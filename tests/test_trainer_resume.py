@@ -24,14 +24,6 @@ EPOCHS = 3
 SUBPROCESS_TIMEOUT = 240
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def write_config(tmp_path: Path) -> Path:
     """A tiny CPU config with dropout on, so that resuming must restore the RNG states to match."""
     manifest = simple_dataset(tmp_path / "data", COUNTS, {(0, 1), (3, 0), (5, 2)})
