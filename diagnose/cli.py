@@ -94,7 +94,7 @@ def check_outputs(outputs: dict, inputs: list) -> None:
     Zarr store, or an artifact of an input run directory (run.json, metrics.jsonl, embeddings/,
     checkpoints/, cache/). Its folder must exist. ``-`` (stdout) and unset outputs are skipped.
     """
-    from diagnose.io import InputError
+    from diagnose.io import InputError, check_output_path
 
     protected_files = set()
     protected_trees = []
@@ -118,11 +118,7 @@ def check_outputs(outputs: dict, inputs: list) -> None:
         if target is None or str(target) in ("", "-"):
             continue
         destination = Path(target)
-        if destination.is_dir():
-            raise InputError(f"{option} {destination}: is a directory")
-        folder = destination.parent if str(destination.parent) else Path(".")
-        if not folder.is_dir():
-            raise InputError(f"{option} {destination}: folder {folder} does not exist")
+        check_output_path(destination, option)
         resolved = destination.resolve()
         if resolved in protected_files or any(resolved == tree or tree in resolved.parents for tree in protected_trees):
             raise InputError(f"{option} {destination}: would overwrite an input; choose another output path")
@@ -539,17 +535,6 @@ def baseline(paths, output, rules_path, epoch):
 # report and compare
 
 
-def _check_output_file(path: Path, option: str) -> None:
-    """Reject an output path that cannot be written before any slow work starts."""
-    from diagnose.io import InputError
-
-    if path.is_dir():
-        raise InputError(f"{option} {path}: is a directory")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{option} {path}: folder {folder} does not exist")
-
-
 def _progress_line(message: str) -> None:
     click.echo(message, err=True)
 
@@ -593,7 +578,6 @@ def report(path, output, json_target, map_method, map_points, histogram_pairs, n
     from diagnose.report import ReportOptions, build_report
     from diagnose.run_summary import summarize_run
 
-    _check_output_file(output, "-o")
     summary = summarize_run(path, retrieval=not no_retrieval, seed=seed, progress=_terminal_progress_line)
     options = ReportOptions(map_method=map_method, map_points=map_points, histogram_pairs=histogram_pairs, seed=seed)
     page, document = build_report(summary, options, progress=_progress_line)
@@ -630,8 +614,6 @@ def compare(run_a, run_b, json_target, html_path, last_only, no_retrieval, seed)
     from diagnose.io import write_text_atomically
     from diagnose.run_summary import summarize_run
 
-    if html_path is not None:
-        _check_output_file(html_path, "--html")
     summary_a = summarize_run(run_a, retrieval=not no_retrieval, seed=seed)
     summary_b = summarize_run(run_b, retrieval=not no_retrieval, seed=seed)
     document = compare_runs(summary_a, summary_b)

@@ -620,6 +620,16 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def check_output_path(destination: Path, option: str) -> Path:
+    """Return the folder of an output file; raise :class:`InputError` if it is missing or the path is a folder."""
+    if destination.is_dir():
+        raise InputError(f"{option} {destination}: is a directory")
+    folder = destination.parent if str(destination.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{option} {destination}: folder {folder} does not exist")
+    return folder
+
+
 def write_text_atomically(text: str, target: str | Path, option: str) -> None:
     """Write ``text`` to ``target`` through a temporary file in the same folder and a rename.
 
@@ -627,11 +637,7 @@ def write_text_atomically(text: str, target: str | Path, option: str) -> None:
     previous file in place. ``option`` names the command-line option in error messages.
     """
     destination = Path(target)
-    if destination.is_dir():
-        raise InputError(f"{option} {destination}: is a directory")
-    folder = destination.parent if str(destination.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{option} {destination}: folder {folder} does not exist")
+    folder = check_output_path(destination, option)
     descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{destination.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
