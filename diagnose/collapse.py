@@ -28,7 +28,7 @@ Metric definitions:
   the sphere and 0 for complete collapse.
 - ``cosine``: distribution of Ẑ_i · Ẑ_j over pairs i != j. The mean is exact,
   (||sum Ẑ||^2 - N) / (N (N - 1)). Standard deviation and quantiles come from a seeded sample of pairs
-  (``pairs_sampled`` tells its size; all pairs are used when the sample holds every row and there are
+  (``pairs_sampled`` is its size; all pairs are used when the sample contains every row and there are
   at most ``max_pairs`` of them).
 - ``uniformity``: log of the mean over i != j of exp(-2 ||Ẑ_i - Ẑ_j||^2) (Wang and Isola, ICML 2020), over
   the sample (at most 10,000 rows by default).
@@ -75,7 +75,7 @@ class VerdictThresholds:
 
 
 class NonFiniteRowError(ValueError):
-    """A row holds NaN or infinite values (or squares that overflow); ``row`` is its global index."""
+    """Error for a row with NaN or infinite values, or with squares that overflow. ``row`` is its global index."""
 
     def __init__(self, row: int):
         super().__init__(f"row {row} has NaN or infinite values")
@@ -100,7 +100,7 @@ class CollapseAccumulator:
 
         ``precision`` "auto" multiplies float32 blocks in float32 (float64 input stays float64);
         "float64" converts every block first. ``row_offset`` is the global index of the first row this
-        accumulator sees (for partial accumulators that are merged later).
+        accumulator receives (for partial accumulators that are merged later).
         """
         self.row_offset = row_offset
         self.dim = dim
@@ -141,7 +141,7 @@ class CollapseAccumulator:
     def _update_block(self, block: np.ndarray, pages: np.ndarray | None) -> None:
         # Products run in the block's dtype over at most PRODUCT_ROWS rows and are summed in float64,
         # so float32 rounding stays near sqrt(PRODUCT_ROWS) * 6e-8 relative (an estimate).
-        # needs_exact_gram() tells when the spectrum reaches down to that rounding.
+        # needs_exact_gram() detects when the spectrum reaches down to that rounding.
         self._spectra_cache = None
         ones = np.ones(block.shape[0], dtype=block.dtype)
         squares = self._scratch(block.shape, block.dtype)
@@ -175,7 +175,7 @@ class CollapseAccumulator:
         return state
 
     def _scratch(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A reused work array, so that every block does not allocate (and page in) a new one."""
+        """Return a reused work array, so that every block does not allocate (and page in) a new one."""
         if self._scratch_array is None or self._scratch_array.dtype != dtype or self._scratch_array.shape[0] < shape[0]:
             self._scratch_array = np.empty(shape, dtype=dtype)
         return self._scratch_array[: shape[0]]
@@ -193,7 +193,7 @@ class CollapseAccumulator:
             candidates = np.arange(block.shape[0])
         if len(candidates) == 0:
             return
-        # Candidates wait in a pool and are merged once it holds a sample's worth, so the sample is not
+        # Candidates wait in a pool and are merged once it contains a sample's worth, so the sample is not
         # copied for every block.
         self._pending.append((block[candidates] * inverse_norms[candidates, None], priorities[candidates]))
         self._pending_rows += len(candidates)
@@ -259,7 +259,7 @@ class CollapseAccumulator:
                     self._close_page(page)
 
     def needs_exact_gram(self) -> bool:
-        """Whether the spectrum reaches down to where float32 block products lose accuracy.
+        """Return whether the spectrum reaches down to where float32 block products lose accuracy.
 
         The second moment is recomputed from float64 products in a second pass (see :meth:`refine_gram`)
         when the smallest retained eigenvalue of Z^T Z, or of the covariance, is below

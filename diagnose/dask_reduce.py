@@ -63,7 +63,7 @@ def dask_collapse_metrics(
     row_offsets = np.concatenate([[0], np.cumsum(rows_per_block)[:-1]]).astype(np.int64)
     page_offsets = np.concatenate([[0], np.cumsum(embeddings.chunks[0])[:-1]]).astype(np.int64)
     if int(np.sum(rows_per_block)) < 2:
-        raise InputError(f"{path}: store holds {int(np.sum(rows_per_block))} valid panel(s); at least 2 are needed")
+        raise InputError(f"{path}: store contains {int(np.sum(rows_per_block))} valid panel(s); at least 2 are needed")
 
     partials = [
         dask.delayed(_block_accumulator)(embedding_block, mask_block, int(page_offset), int(row_offset), dim, seed)

@@ -105,7 +105,7 @@ class NpyArray(ArraySource):
                 raise InputError(f"{path}: not a valid .npy file ({error})") from None
             self.offset = handle.tell()
         if dtype.hasobject:
-            raise InputError(f"{path}: holds Python objects (pickle), which are never loaded")
+            raise InputError(f"{path}: contains Python objects (pickle), which are never loaded")
         if dtype.kind not in "fiu":
             raise InputError(f"{path}: array has dtype {dtype}; embeddings must be real numbers (float or int)")
         if fortran and len(shape) > 1:
@@ -272,7 +272,7 @@ def _run_epochs(run_dir: Path) -> list[tuple[int | None, Path]]:
         if match:
             epochs.append((int(match.group(1)), entry))
     if not epochs:
-        raise InputError(f"{embeddings_dir}: run directory holds no epoch_NNNN.safetensors files")
+        raise InputError(f"{embeddings_dir}: run directory contains no epoch_NNNN.safetensors files")
     return sorted(epochs)
 
 
@@ -374,7 +374,7 @@ def _from_named_arrays(path: Path, arrays: dict[str, object], make_source) -> Em
         else:
             sources[name] = make_source(name)
     if not sources:
-        raise InputError(f"{path}: holds no embedding matrix (found only {sorted(arrays)})")
+        raise InputError(f"{path}: contains no embedding matrix (found only {sorted(arrays)})")
     # Known modalities first, in their usual order, then any others as stored.
     order = [name for name in MODALITY_NAMES if name in sources] + [n for n in sources if n not in MODALITY_NAMES]
     sources = {name: sources[name] for name in order}
@@ -458,12 +458,12 @@ def _load_npz(path: Path) -> EmbeddingSet:
             arrays = {name: archive[name] for name in archive.files}
     except ValueError as error:
         if "pickle" in str(error).lower():
-            raise InputError(f"{path}: holds pickled objects, which are never loaded") from None
+            raise InputError(f"{path}: contains pickled objects, which are never loaded") from None
         raise InputError(f"{path}: not a readable .npz archive ({_first_line(error)})") from None
     except (zipfile.BadZipFile, EOFError, OSError) as error:
         raise InputError(f"{path}: not a readable .npz archive ({_first_line(error)})") from None
     if not arrays:
-        raise InputError(f"{path}: archive holds no arrays")
+        raise InputError(f"{path}: archive contains no arrays")
     if list(arrays) == ["arr_0"]:
         arrays = {"fused": arrays["arr_0"]}
     return _from_named_arrays(path, arrays, lambda name: _memory_source(path, name, arrays[name]))
@@ -633,7 +633,7 @@ def check_output_path(destination: Path, option: str) -> Path:
 def write_text_atomically(text: str, target: str | Path, option: str) -> None:
     """Write ``text`` to ``target`` through a temporary file in the same folder and a rename.
 
-    A reader (a browser, a CI step) never sees a half-written file, and a failed write leaves any
+    A reader (a browser, a CI step) never opens a half-written file, and a failed write leaves any
     previous file in place. ``option`` names the command-line option in error messages.
     """
     destination = Path(target)

@@ -53,7 +53,8 @@ COLLAPSE_ROWS = [
 ]
 
 
-def _lookup(document: dict, dotted: str):
+def lookup(document: dict, dotted: str):
+    """Return the value at a dotted path of nested dicts, or None when a key is missing."""
     value = document
     for key in dotted.split("."):
         if not isinstance(value, dict):
@@ -80,7 +81,7 @@ def render_collapse(document: dict, console: Console) -> None:
         for name in modalities:
             table.add_column(name, justify="right")
         for key, label in COLLAPSE_ROWS:
-            table.add_row(label, *(format_number(_lookup(metrics, key)) for metrics in modalities.values()))
+            table.add_row(label, *(format_number(lookup(metrics, key)) for metrics in modalities.values()))
         table.add_row("verdict", *(verdict_text(metrics["verdict"]) for metrics in modalities.values()))
         console.print(table)
 
@@ -245,8 +246,8 @@ def _render_trajectory(epochs: list[dict], console: Console) -> None:
             format_number(metrics["effective_rank_ratio"]),
             format_number(metrics["std_l2_ratio"]),
             format_number(metrics["cosine"]["mean"]),
-            format_number(_lookup(metrics, "groups.intra_cosine")),
-            format_number(_lookup(metrics, "groups.inter_cosine")),
+            format_number(lookup(metrics, "groups.intra_cosine")),
+            format_number(lookup(metrics, "groups.inter_cosine")),
             format_number(pair.get("modality_gap")),
             verdict_text(entry["verdict"]),
         )

@@ -23,6 +23,7 @@ import numpy as np
 
 from diagnose.io import ArraySource, EmbeddingSet, load_embeddings
 from diagnose.plots import MAX_LEGEND_PAGES
+from diagnose.render import lookup
 from diagnose.run_summary import (
     EpochSummary,
     ProgressCallback,
@@ -612,16 +613,6 @@ def format_figure(value) -> str:
     from diagnose.render import format_number
 
     return format_number(value)
-
-
-def lookup(document: dict, dotted: str):
-    """Return the value at a dotted path of nested dicts, or None when a key is missing."""
-    value = document
-    for key in dotted.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
 
 
 VERDICT_CLASSES = {"healthy": "ok", "group_collapse": "warn", "dimensional_collapse": "bad",
