@@ -22,7 +22,7 @@ from trainer.backbones import build_text_backbone, build_vision_backbone
 from trainer.cli import main
 from trainer.config import DataConfig
 from trainer.data import PanelInputs, load_batches, load_dataset, split_pages
-from trainer.distributed import Distributed, _ScaleGradient, batch_labels, shard_bounds
+from trainer.distributed import Distributed, _ScaleGradient, batch_labels, shard_bounds, shutdown
 from trainer.model import PanelEncoder
 from trainer_dataset import simple_dataset, tiny_config
 
@@ -130,6 +130,41 @@ def test_batch_labels_match_collated_batch(tmp_path):
     assert torch.equal(labels.page, batch.page)
     assert torch.equal(labels.has_text, batch.has_text)
     assert labels.counts == [COUNTS[3] + COUNTS[0], COUNTS[8] + COUNTS[5]]
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_shutdown_destroys_the_group_it_created(tmp_path, finished):
+    import torch.distributed as torch_dist
+
+    store = torch_dist.FileStore(str(tmp_path / "store"), 1)
+    torch_dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        # A one-rank group replaces a real job here, so the barrier returns at once.
+        shutdown(Distributed(rank=0, world_size=2, backend="gloo", owns_group=True), finished)
+        assert not torch_dist.is_initialized()
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def test_shutdown_leaves_a_callers_group(tmp_path):
+    import torch.distributed as torch_dist
+
+    store = torch_dist.FileStore(str(tmp_path / "store"), 1)
+    torch_dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        shutdown(Distributed(rank=0, world_size=2, backend="gloo", owns_group=False), True)
+        assert torch_dist.is_initialized()
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_fit_drops_the_training_wrapper(tmp_path):
+    manifest = simple_dataset(tmp_path / "data", COUNTS, NO_TEXT)
+    run = loop.fit(tiny_config(manifest, "optim.epochs=1"), tmp_path / "run", console=quiet_console())
+    # Under torchrun the wrapper references the process group. The encoder remains for the caller.
+    assert run.loss_module is None
+    assert run.history and isinstance(run.model, PanelEncoder)
 
 
 # --------------------------------------------------------------------------------------------------

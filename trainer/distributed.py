@@ -269,13 +269,27 @@ def initialize(device: torch.device) -> Distributed:
     return Distributed(rank, world_size, local_rank, backend, device, owns_group)
 
 
-def shutdown(dist: Distributed) -> None:
-    """Destroy the process group if ``initialize`` created it."""
-    if dist.enabled and dist.owns_group:
-        import torch.distributed as torch_dist
+def shutdown(dist: Distributed, finished: bool = False) -> None:
+    """Destroy the process group if ``initialize`` created it.
 
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+    The caller releases its DistributedDataParallel wrapper first, because the wrapper references the
+    process group. A gloo group that survives until interpreter exit can abort the process during
+    finalisation ("terminate called without an active exception", seen with torch 2.13 under load).
+    With ``finished`` every rank first waits at a barrier, so no rank exits while rank 0 is still
+    writing the run directory. After an error there is no barrier, because other ranks may never reach it.
+    """
+    if not (dist.enabled and dist.owns_group):
+        return
+    import gc
+
+    import torch.distributed as torch_dist
+
+    if not torch_dist.is_initialized():
+        return
+    gc.collect()
+    if finished:
+        torch_dist.barrier()
+    torch_dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------

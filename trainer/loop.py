@@ -105,6 +105,7 @@ def fit(
     Under torchrun every rank calls this, and only rank 0 writes the run directory and prints.
     """
     dist = distributed.initialize(select_device(config.device))
+    finished = False
     try:
         console = _rank_console(console, dist)
         directory = RunDirectory(run_dir, writer=dist.is_main)
@@ -120,8 +121,10 @@ def fit(
             train(run)
         finally:
             directory.close()
+            run.loss_module = None
+        finished = True
     finally:
-        distributed.shutdown(dist)
+        distributed.shutdown(dist, finished)
     return run
 
 
@@ -143,6 +146,7 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
         config = config_from_dict(checkpoint["config"], source=str(last))
 
     dist = distributed.initialize(select_device(config.device))
+    finished = False
     try:
         console = _rank_console(console, dist)
         directory.writer = dist.is_main
@@ -163,8 +167,10 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
             train(run)
         finally:
             directory.close()
+            run.loss_module = None
+        finished = True
     finally:
-        distributed.shutdown(dist)
+        distributed.shutdown(dist, finished)
     return run
 
 
