@@ -154,6 +154,8 @@ def render_retrieval(document: dict, console: Console) -> None:
     note = (document.get("index") or {}).get("note")
     if note:
         console.print(f"note: {note}")
+    for note in document.get("notes") or []:
+        console.print(f"note: {note}")
 
     epochs = document.get("epochs")
     if epochs:

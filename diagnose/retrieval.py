@@ -1036,6 +1036,11 @@ def bidirectional_retrieval(
     if (first_pages is None) != (second_pages is None):
         missing = names[0] if first_pages is None else names[1]
         raise InputError(f"{missing} page ids are missing, so give page ids for both sides or for neither")
+    if first_pages is None and tuple(scopes) == ("page",):
+        raise InputError(
+            "page-scope retrieval needs page ids ('page', or 'vision_page' and 'text_page'), and there are "
+            "none, so measure the global scope instead (--scope global)"
+        )
 
     excluded = {"no_text": 0}
     if has_text is not None:
@@ -1059,6 +1064,9 @@ def bidirectional_retrieval(
     pairs = [(sides[0], sides[1])] + ([(sides[1], sides[0])] if both_directions else [])
     index_info: dict = {"kind": index, "exact": index == "flat", "device": "gpu" if use_gpu else "cpu",
                         "note": device_note}
+    notes = []
+    if "page" in scopes and first_pages is None:
+        notes.append("no page ids, so only the global scope was measured")
     directions = {}
     for query_side, gallery_side in pairs:
         entry = {"global": None, "page": None}
@@ -1074,7 +1082,7 @@ def bidirectional_retrieval(
             entry["page"] = retrieval_metrics(ranks, requested_ks)
             entry["page"]["pages"] = int(len(np.unique(query_side.pages)))
         directions[f"{query_side.name}->{gallery_side.name}"] = entry
-    return {"directions": directions, "excluded": excluded, "index": index_info}
+    return {"directions": directions, "excluded": excluded, "index": index_info, "notes": notes}
 
 
 def _drop_without_text(has_text, names, first, second, first_items, second_items, first_pages, second_pages):

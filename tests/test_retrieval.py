@@ -445,6 +445,8 @@ def bad_input_cases():
                              second_items=np.arange(n) + 0.5), "integer ids"),
         ("pair off its page", dict(first=vision, second=text, first_pages=pages, second_pages=np.roll(pages, 1)),
          "on their page"),
+        ("page scope without pages", dict(first=vision, second=text, scopes=["page"]),
+         "page-scope retrieval needs page ids"),
     ]
 
 
@@ -573,6 +575,25 @@ def test_cli_bad_input_exits_2(tmp_path):
     result = run_cli(str(unpaired), "-k", "1,x")
     assert result.exit_code == 2
     assert "comma-separated integers" in result.stderr
+
+
+def test_cli_without_page_ids_measures_global_scope(tmp_path):
+    vision, text, _ = paired_data(n_pages=6, dim=8, seed=4)
+    path = tmp_path / "no_pages.npz"
+    np.savez(path, vision=vision, text=text)
+
+    result = run_cli(str(path), "--json", "-")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    for entry in document["directions"].values():
+        assert entry["page"] is None
+        assert CONTRACT_KEYS <= set(entry["global"])
+    assert document["notes"] == ["no page ids, so only the global scope was measured"]
+
+    result = run_cli(str(path), "--scope", "page")
+    assert result.exit_code == 2
+    assert f"{path}: page-scope retrieval needs page ids" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def faiss_gpus() -> int:
