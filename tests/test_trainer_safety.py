@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from rich.console import Console
 
 from trainer import loop
-from trainer.artifacts import RUN_FORMAT, RunDirectory
+from trainer.artifacts import RUN_FORMAT, RunDirectory, save_safetensors, save_torch
 from trainer.cli import main
 from trainer.config import MAX_SEED, ConfigError, TrainerError, load_config
 from trainer_dataset import simple_dataset, tiny_config
@@ -198,5 +199,28 @@ def test_artifact_write_error_is_trainer_error(tmp_path):
     directory.embeddings_dir.rmdir()
     directory.embeddings_dir.write_text("in the way")
     empty = torch.zeros(2, 4)
-    with pytest.raises(TrainerError, match="cannot write run artifact"):
+    with pytest.raises(TrainerError, match="cannot write run artifact") as raised:
         directory.write_embeddings(1, empty, empty, empty, torch.zeros(2), torch.ones(2), ["p0", "p1"])
+    assert f"'trainer resume {directory.path}' continues from the last checkpoint" in str(raised.value)
+
+
+FULL_DEVICE = Path("/dev/full")
+
+
+@pytest.mark.skipif(not FULL_DEVICE.exists(), reason="needs /dev/full, whose writes fail with ENOSPC")
+def test_save_torch_reports_full_disk():
+    with pytest.raises(OSError) as raised:
+        save_torch({"weights": torch.zeros(100_000)}, FULL_DEVICE)
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_save_safetensors_raises_os_error(tmp_path):
+    # safetensors writes a temporary file next to the target and renames it, so the missing folder fails.
+    with pytest.raises(OSError, match="No such file or directory"):
+        save_safetensors({"weights": torch.zeros(10)}, tmp_path / "missing" / "weights.safetensors")
+
+
+def test_save_torch_writes_loadable_file(tmp_path):
+    path = tmp_path / "payload.pt"
+    save_torch({"weights": torch.arange(5.0)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(5.0))

@@ -234,7 +234,7 @@ class RunDirectory:
     def log_metrics(self, record: dict[str, Any]) -> None:
         if not self.writer:
             return
-        with _write_errors(self.metrics_path):
+        with _write_errors(self.metrics_path, self.path):
             self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
             self._metrics.flush()
 
@@ -276,8 +276,6 @@ class RunDirectory:
         split: str = "val",
     ) -> str:
         """Write one epoch's embeddings and page-id sidecar; return the file's path relative to the run."""
-        from safetensors.torch import save_file
-
         name = embeddings_name(epoch)
         if not self.writer:
             return f"embeddings/{name}"
@@ -290,9 +288,9 @@ class RunDirectory:
             "has_text": has_text.detach().to(torch.uint8).cpu().contiguous(),
         }
         metadata = {"format": EMBEDDINGS_FORMAT, "version": str(FORMAT_VERSION), "epoch": str(epoch), "split": split}
-        with _write_errors(self.embeddings_dir / name):
+        with _write_errors(self.embeddings_dir / name, self.path):
             with atomic_write(self.embeddings_dir / name) as temporary:
-                save_file(tensors, str(temporary), metadata=metadata)
+                save_safetensors(tensors, temporary, metadata=metadata)
             write_json(self.embeddings_dir / name.replace(".safetensors", ".pages.json"), page_ids)
         return f"embeddings/{name}"
 
@@ -301,9 +299,9 @@ class RunDirectory:
         epoch_path = self.checkpoints_dir / checkpoint_name(int(checkpoint["epoch"]))
         if not self.writer:
             return epoch_path
-        with _write_errors(epoch_path):
+        with _write_errors(epoch_path, self.path):
             with atomic_write(epoch_path) as temporary:
-                torch.save(checkpoint, temporary)
+                save_torch(checkpoint, temporary)
                 if os.environ.get(CRASH_IN_CHECKPOINT_VARIABLE) == str(checkpoint["epoch"]):
                     os.kill(os.getpid(), signal.SIGKILL)
             targets = ["last.pt"] + (["best.pt"] if is_best else [])
@@ -312,14 +310,66 @@ class RunDirectory:
         return epoch_path
 
 
+class _RecordingFile:
+    """A binary file wrapper that keeps the OSError of a failed write.
+
+    ``torch.save`` (2.13) reports a failed write, such as a full disk, as a RuntimeError from its zip
+    writer ("enforce fail at inline_container.cc ... unexpected pos") that does not give the cause.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def save_torch(payload: Any, path: Path) -> None:
+    """Write ``payload`` with ``torch.save``. A failed write raises its OSError instead of torch's RuntimeError."""
+    with open(path, "wb") as handle:
+        recorder = _RecordingFile(handle)
+        try:
+            torch.save(payload, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file. A failed write raises OSError instead of SafetensorError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        # The message ends with the OS error, such as "I/O error: No space left on device (os error 28)".
+        raise OSError(None, str(error).strip().splitlines()[0]) from None
+
+
 @contextlib.contextmanager
-def _write_errors(path: Path) -> Iterator[None]:
-    """Turn an OSError (permission denied, disk full, read-only filesystem) into a one-line TrainerError."""
+def _write_errors(path: Path, run_dir: Path | None = None) -> Iterator[None]:
+    """Turn an OSError (permission denied, disk full, read-only filesystem) into a one-line TrainerError.
+
+    With ``run_dir`` (writes during training) the message adds the command that continues the run.
+    """
     try:
         yield
     except OSError as error:
         target = error.filename or path
-        raise TrainerError(f"{target}: cannot write run artifact ({_reason(error)})") from None
+        message = f"{target}: cannot write run artifact ({_reason(error)})"
+        if run_dir is not None:
+            message += f". After fixing that, 'trainer resume {run_dir}' continues from the last checkpoint"
+        raise TrainerError(message) from None
 
 
 def _reason(error: OSError) -> str:

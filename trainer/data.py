@@ -689,9 +689,7 @@ def _read_feature_cache(path: Path, out_dim: int) -> dict[str, torch.Tensor]:
 
 
 def _write_feature_cache(path: Path, known: dict[str, torch.Tensor], out_dim: int) -> None:
-    from safetensors.torch import save_file
-
-    from trainer.artifacts import atomic_write
+    from trainer.artifacts import atomic_write, save_safetensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(path.with_name(path.name + ".lock")):
@@ -702,7 +700,7 @@ def _write_feature_cache(path: Path, known: dict[str, torch.Tensor], out_dim: in
         hashes = torch.tensor([list(bytes.fromhex(key)) for key in keys], dtype=torch.uint8)
         features = torch.stack([merged[key] for key in keys]).contiguous()
         with atomic_write(path) as temporary:
-            save_file({"hashes": hashes, "features": features}, str(temporary))
+            save_safetensors({"hashes": hashes, "features": features}, temporary)
 
 
 @contextlib.contextmanager
