@@ -189,6 +189,22 @@ def test_fit_writes_every_artifact(tmp_path):
     assert [line.split()[:2] for line in output_lines[1:]] == [["epoch", "1/2"], ["epoch", "2/2"]]
 
 
+def test_keep_last_deletes_older_epoch_checkpoints(tmp_path):
+    config = tiny_config(make_dataset(tmp_path), "optim.epochs=4", "checkpoints.keep_last=2")
+    run_dir = tmp_path / "run"
+    loop.fit(config, run_dir, console=quiet_console())
+
+    names = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert [name for name in names if name.startswith("epoch_")] == ["epoch_0003.pt", "epoch_0004.pt"]
+    assert "last.pt" in names
+    assert "best.pt" in names
+    # best.pt is loadable whichever epoch it came from, deleted or kept.
+    validation_losses = [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "validation"]
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert best["val_loss"] == min(validation_losses)
+    assert len(list((run_dir / "embeddings").glob("epoch_*.safetensors"))) == 4
+
+
 def test_validation_record_counts_match_pages(tmp_path):
     config = tiny_config(make_dataset(tmp_path), "optim.epochs=1", "optim.batch_size=16")
     run = loop.fit(config, tmp_path / "run", console=quiet_console())
@@ -358,6 +374,7 @@ def test_cli_nothing_usable_exits_2(tmp_path, capfd):
     [
         (["--set", "optim.sped=1"], "unknown config key 'optim.sped'"),
         (["--set", "model.vision_backbone=resnet"], "model.vision_backbone: unknown vision backbone 'resnet'"),
+        (["--set", "checkpoints.keep_last=-1"], "invalid value for checkpoints.keep_last"),
     ],
 )
 def test_cli_bad_config_exits_2(tmp_path, capfd, extra, fragment):

@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 RUN_FILES = ("run.json", "metrics.jsonl")
 EMBEDDINGS_FILES = re.compile(r"epoch_\d{4,}\.(safetensors|pages\.json)")
 CHECKPOINT_FILES = re.compile(r"epoch_\d{4,}\.pt|last\.pt|best\.pt")
+EPOCH_CHECKPOINT = re.compile(r"epoch_(\d{4,})\.pt")
 # The feature cache folder may be all that a run left when it stopped before writing run.json.
 CACHE_DIR_NAME = "cache"
 CRASH_IN_CHECKPOINT_VARIABLE = "COLLAPSE_TOOLKIT_CRASH_IN_CHECKPOINT"
@@ -294,9 +295,13 @@ class RunDirectory:
             write_json(self.embeddings_dir / name.replace(".safetensors", ".pages.json"), page_ids)
         return f"embeddings/{name}"
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], is_best: bool) -> Path:
-        """Write ``epoch_NNNN.pt`` and ``last.pt``, and ``best.pt`` when ``is_best``; return the epoch file."""
-        epoch_path = self.checkpoints_dir / checkpoint_name(int(checkpoint["epoch"]))
+    def save_checkpoint(self, checkpoint: dict[str, Any], is_best: bool, keep_last: int = 0) -> Path:
+        """Write ``epoch_NNNN.pt`` and ``last.pt``, and ``best.pt`` when ``is_best``; return the epoch file.
+
+        With ``keep_last`` > 0 only the newest ``keep_last`` epoch files remain afterwards.
+        """
+        epoch = int(checkpoint["epoch"])
+        epoch_path = self.checkpoints_dir / checkpoint_name(epoch)
         if not self.writer:
             return epoch_path
         with _write_errors(epoch_path, self.path):
@@ -307,7 +312,19 @@ class RunDirectory:
             targets = ["last.pt"] + (["best.pt"] if is_best else [])
             for name in targets:
                 _link_or_copy(epoch_path, self.checkpoints_dir / name)
+        if keep_last > 0:
+            self._delete_epoch_checkpoints_before(epoch - keep_last + 1)
         return epoch_path
+
+    def _delete_epoch_checkpoints_before(self, first_kept: int) -> None:
+        for path in self.checkpoints_dir.glob("epoch_*.pt"):
+            match = EPOCH_CHECKPOINT.fullmatch(path.name)
+            if match and int(match.group(1)) < first_kept:
+                # A file that cannot be deleted costs disk space, not correctness.
+                try:
+                    path.unlink()
+                except OSError as error:
+                    log.warning("failed to delete old checkpoint %s (%s)", path, _reason(error))
 
 
 class _RecordingFile:

@@ -138,6 +138,13 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Epoch checkpoints (checkpoints/epoch_NNNN.pt) kept on disk: the newest keep_last, or all with 0.
+    # last.pt and best.pt are separate links or copies, so they are kept either way.
+    keep_last: int = 0
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests of the step guard; leave unset in real runs."""
 
@@ -154,6 +161,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0
     # "auto" picks CUDA when torch detects a GPU, else CPU; "cpu", "cuda" and "cuda:N" force a device.
@@ -417,6 +425,7 @@ def validate_config(config: TrainConfig, source: str = "config") -> None:
         ("optim.max_bad_steps_in_a_row", config.optim.max_bad_steps_in_a_row >= 1, "at least 1"),
         ("data.num_workers", config.data.num_workers is None or config.data.num_workers >= 0, "zero or more"),
         ("data.image_cache_mb", config.data.image_cache_mb >= 0, "zero or more MiB"),
+        ("checkpoints.keep_last", config.checkpoints.keep_last >= 0, "zero (keep all) or more epochs"),
         ("debug.nan_at_step", config.debug.nan_at_step is None or config.debug.nan_at_step >= 1, "at least 1"),
         ("debug.nan_steps", config.debug.nan_steps >= 1, "at least 1"),
         ("debug.nan_in", config.debug.nan_in in ("loss", "gradient"), "loss or gradient"),

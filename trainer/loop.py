@@ -744,7 +744,7 @@ def save_checkpoint(run: Run, embeddings_path: str, val_loss: float, is_best: bo
         checkpoint["rank_rng_states"] = rank_rng_states
     if run.sampler is not None:
         checkpoint["sampler_state_dict"] = run.sampler.state_dict()
-    run.directory.save_checkpoint(checkpoint, is_best)
+    run.directory.save_checkpoint(checkpoint, is_best, keep_last=run.config.checkpoints.keep_last)
 
 
 def restore_checkpoint(run: Run, checkpoint: dict[str, Any]) -> None:
