@@ -174,6 +174,21 @@ def test_fingerprint_tracks_annotations(tmp_path):
     assert load_dataset(DataConfig(manifest=str(manifest))).fingerprint != first
 
 
+def test_fingerprint_tracks_page_images(tmp_path):
+    manifest = simple_dataset(tmp_path, [2, 3])
+    first = load_dataset(DataConfig(manifest=str(manifest))).fingerprint
+    image_path = tmp_path / "pages" / "p001.png"
+    with Image.open(image_path) as opened:
+        image = opened.convert("RGB")
+    image.putpixel((0, 0), tuple(255 - value for value in image.getpixel((0, 0))))
+    image.save(image_path)
+
+    assert load_dataset(DataConfig(manifest=str(manifest))).fingerprint != first
+    # A header-only load hashes the same bytes.
+    light = load_dataset(DataConfig(manifest=str(manifest)), load_images=False).fingerprint
+    assert light == load_dataset(DataConfig(manifest=str(manifest))).fingerprint
+
+
 def test_iterate_batches_shuffles_reproducibly():
     pages = list(range(10))
     plain = list(iterate_batches(pages, 4))

@@ -25,6 +25,7 @@ import contextlib
 import csv
 from collections import OrderedDict
 import hashlib
+import io
 import json
 import logging
 import math
@@ -175,7 +176,7 @@ def load_dataset(config: DataConfig, load_images: bool = True) -> PanelDataset:
     """Read the manifest and every page it lists; skip bad records and count them per reason.
 
     With ``load_images=False`` no page image is decoded: panels carry their text and layout but no
-    crop. Every skip rule still applies, and an image only has its header read (format and size).
+    crop. Every skip rule still applies, and an image is read and hashed but only its header is parsed.
     So the pages, panels and fingerprint match a full load, except for an image whose header is valid
     but whose pixel data is truncated or corrupt, which a full load skips as ``unreadable_image``.
     """
@@ -318,7 +319,10 @@ class _PageReader:
         if not image_path.is_file():
             raise _SkipRecord("missing_image", f"{image_path} not found")
         try:
-            with Image.open(image_path) as opened:
+            # The image bytes enter the fingerprint, so a replaced page image counts as a changed dataset.
+            image_bytes = image_path.read_bytes()
+            self.digest.update(image_bytes)
+            with Image.open(io.BytesIO(image_bytes)) as opened:
                 # Image.open reads only the header; convert() decodes the pixels.
                 image = opened.convert("RGB") if self.load_images else None
         except (OSError, Image.DecompressionBombError) as error:
