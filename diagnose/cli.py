@@ -29,16 +29,17 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-def _stdout_console(json_target: str | None):
-    """Tables go to stdout, unless the JSON document goes there.
+def _stdout_console(*targets: str | Path | None):
+    """Tables go to stdout, unless one of the output ``targets`` is ``-`` (stdout).
 
     A pipe or a CI log gets 160 columns rather than rich's default of 80, so that figures are not cut.
     """
     from rich.console import Console
 
-    console = Console(stderr=json_target == "-")
+    to_stderr = any(target is not None and str(target) == "-" for target in targets)
+    console = Console(stderr=to_stderr)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(stderr=json_target == "-", width=160)
+        console = Console(stderr=to_stderr, width=160)
     return console
 
 
@@ -55,6 +56,12 @@ def handle_input_errors(command):
             click.echo(f"error: {error}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except (OSError, MemoryError) as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except RuntimeError as error:
+            # pathlib of Python 3.11 raises RuntimeError for a loop of symbolic links.
+            if not str(error).startswith("Symlink loop"):
+                raise
             click.echo(f"error: {error}", err=True)
             sys.exit(EXIT_BAD_INPUT)
 
@@ -92,9 +99,13 @@ def check_outputs(outputs: dict, inputs: list) -> None:
 
     An output may not be an input file, the page-id sidecar of an input file, anything inside an input
     Zarr store, or an artifact of an input run directory (run.json, metrics.jsonl, embeddings/,
-    checkpoints/, cache/). Its folder must exist. ``-`` (stdout) and unset outputs are skipped.
+    checkpoints/, cache/). Its folder must exist and accept a new file, and no two options may name the same
+    output. ``-`` (stdout) and unset outputs are not checked further.
     """
-    from diagnose.io import InputError, check_output_path
+    from diagnose.io import InputError
+    from diagnose.outputs import check_distinct_outputs, check_output_path
+
+    check_distinct_outputs(outputs)
 
     protected_files = set()
     protected_trees = []
@@ -124,16 +135,15 @@ def check_outputs(outputs: dict, inputs: list) -> None:
             raise InputError(f"{option} {destination}: would overwrite an input; choose another output path")
 
 
-def write_json(document: dict, target: str) -> None:
-    """Write ``document`` to ``target`` (``-`` is stdout) atomically: temporary file, then rename."""
-    text = json.dumps(_finite_or_null(document), indent=2, allow_nan=False) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    from diagnose.io import write_text_atomically
+def json_text(document: dict) -> str:
+    return json.dumps(_finite_or_null(document), indent=2, allow_nan=False) + "\n"
 
-    write_text_atomically(text, target, "--json")
+
+def write_json(document: dict, target: str, option: str = "--json") -> None:
+    """Write ``document`` to ``target`` (``-`` is stdout), as :func:`diagnose.outputs.write_text` writes files."""
+    from diagnose.outputs import write_text
+
+    write_text(json_text(document), target, option)
 
 
 def _finite_or_null(value):
@@ -269,7 +279,7 @@ class ProgressBars:
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
-        if not self.enabled:
+        if not (self.enabled and sys.stderr.isatty()):
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
         from rich.progress import TimeRemainingColumn
@@ -300,10 +310,12 @@ class ProgressBars:
 
 
 def _input_size(path: Path) -> int:
+    """Return the bytes that a command reads from ``path``: a run directory's embeddings, not its checkpoints."""
     if path.is_file():
         return path.stat().st_size
     if path.is_dir():
-        return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
+        folder = path / "embeddings" if (path / "embeddings").is_dir() else path
+        return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file())
     return 0
 
 
@@ -480,7 +492,7 @@ def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markd
                   [*paths, rules_path, baseline_path])
     from diagnose.gate import load_baseline, load_rules, run_gate
     from diagnose.gate_reports import append_step_summary, gate_junit, gate_markdown
-    from diagnose.io import write_text_atomically
+    from diagnose.outputs import OutputFiles
     from diagnose.render import render_gate
 
     rules = load_rules(rules_path)
@@ -489,14 +501,15 @@ def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markd
     document["thresholds"] = str(rules_path)
     document["baseline_file"] = str(baseline_path) if baseline_path is not None else None
 
-    render_gate(document, _stdout_console(json_target))
-    if json_target:
-        write_json(document, json_target)
-    if junit_path is not None:
-        write_text_atomically(gate_junit(document), junit_path, "--junit")
+    render_gate(document, _stdout_console(json_target, junit_path, markdown_path))
     markdown = gate_markdown(document)
-    if markdown_path is not None:
-        write_text_atomically(markdown, markdown_path, "--markdown")
+    outputs = OutputFiles()
+    if json_target:
+        outputs.add(json_text(document), json_target, "--json")
+    if junit_path is not None:
+        outputs.add(gate_junit(document), junit_path, "--junit")
+    outputs.add(markdown, markdown_path, "--markdown")
+    outputs.write()
     append_step_summary(markdown)
     if not document["passed"]:
         sys.exit(EXIT_FAILED_CHECK)
@@ -526,7 +539,7 @@ def baseline(paths, output, rules_path, epoch):
     document = build_baseline(paths, rules=rules, epoch=epoch)
     if rules_path is not None:
         document["thresholds"] = str(rules_path)
-    write_json(document, output)
+    write_json(document, output, "-o")
     kinds = ", ".join(document["documents"])
     click.echo(f"baseline of {kinds} written to {'stdout' if output == '-' else output}", err=True)
 
@@ -573,21 +586,24 @@ def report(path, output, json_target, map_method, map_points, histogram_pairs, n
     The file has no script and no external address, so it opens offline.
     """
     check_outputs({"-o": output, "--json": json_target}, [path])
+    from diagnose.outputs import OutputFiles
     from diagnose.render import render_report
-    from diagnose.io import write_text_atomically
     from diagnose.report import ReportOptions, build_report
     from diagnose.run_summary import summarize_run
 
     summary = summarize_run(path, retrieval=not no_retrieval, seed=seed, progress=_terminal_progress_line)
     options = ReportOptions(map_method=map_method, map_points=map_points, histogram_pairs=histogram_pairs, seed=seed)
     page, document = build_report(summary, options, progress=_progress_line)
-    write_text_atomically(page, output, "-o")
     document["output"] = str(output)
 
-    render_report(document, _stdout_console(json_target))
+    render_report(document, _stdout_console(output, json_target))
+    outputs = OutputFiles()
+    outputs.add(page, output, "-o")
     if json_target:
-        write_json(document, json_target)
-    click.echo(f"report written to {output} ({len(page.encode('utf-8')) / 1e6:.1f} MB)", err=True)
+        outputs.add(json_text(document), json_target, "--json")
+    outputs.write()
+    where = "stdout" if str(output) == "-" else output
+    click.echo(f"report written to {where} ({len(page.encode('utf-8')) / 1e6:.1f} MB)", err=True)
 
 
 @main.command()
@@ -610,20 +626,24 @@ def compare(run_a, run_b, json_target, html_path, last_only, no_retrieval, seed)
     """
     check_outputs({"--json": json_target, "--html": html_path}, [run_a, run_b])
     from diagnose.compare import compare_html, compare_runs
+    from diagnose.outputs import OutputFiles
     from diagnose.render import render_compare
-    from diagnose.io import write_text_atomically
     from diagnose.run_summary import summarize_run
 
     summary_a = summarize_run(run_a, retrieval=not no_retrieval, seed=seed)
     summary_b = summarize_run(run_b, retrieval=not no_retrieval, seed=seed)
     document = compare_runs(summary_a, summary_b)
 
-    render_compare(document, _stdout_console(json_target), last_only=last_only)
+    render_compare(document, _stdout_console(json_target, html_path), last_only=last_only)
+    outputs = OutputFiles()
     if json_target:
-        write_json(document, json_target)
+        outputs.add(json_text(document), json_target, "--json")
     if html_path is not None:
-        write_text_atomically(compare_html(document, summary_a, summary_b), html_path, "--html")
-        click.echo(f"comparison written to {html_path}", err=True)
+        outputs.add(compare_html(document, summary_a, summary_b), html_path, "--html")
+    outputs.write()
+    if html_path is not None:
+        where = "stdout" if str(html_path) == "-" else html_path
+        click.echo(f"comparison written to {where}", err=True)
 
 
 if __name__ == "__main__":

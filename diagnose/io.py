@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -618,35 +617,3 @@ def _validate(embedding_set: EmbeddingSet, path: Path) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
-
-
-def check_output_path(destination: Path, option: str) -> Path:
-    """Return the folder of an output file; raise :class:`InputError` if it is missing or the path is a folder."""
-    if destination.is_dir():
-        raise InputError(f"{option} {destination}: is a directory")
-    folder = destination.parent if str(destination.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{option} {destination}: folder {folder} does not exist")
-    return folder
-
-
-def write_text_atomically(text: str, target: str | Path, option: str) -> None:
-    """Write ``text`` to ``target`` through a temporary file in the same folder and a rename.
-
-    A reader (a browser, a CI step) never opens a half-written file, and a failed write leaves any
-    previous file in place. ``option`` names the command-line option in error messages.
-    """
-    destination = Path(target)
-    folder = check_output_path(destination, option)
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{destination.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        # mkstemp creates the file readable by its owner only; give it the usual permissions instead.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

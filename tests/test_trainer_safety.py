@@ -175,6 +175,15 @@ def test_cli_out_under_file_exits_2_before_loading_data(tmp_path, capfd):
     assert parent.read_text() == "a regular file"
 
 
+def test_cli_config_symlink_loop_exits_2(tmp_path, capfd):
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    assert run_cli(["fit", "--config", str(tmp_path / "loop1"), "--out", str(tmp_path / "run")]) == 2
+    lines = error_lines(capfd)
+    assert len(lines) == 1
+    assert "loop1" in lines[0]
+
+
 def test_probe_leaves_no_new_folder(tmp_path):
     RunDirectory(tmp_path / "a" / "b" / "run").check_writable(overwrite=False)
     assert not (tmp_path / "a").exists()

@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         # example a feature cache folder that cannot be written.
         click.echo(f"trainer: error: {error}", err=True)
         sys.exit(TrainerError.exit_code)
+    except RuntimeError as error:
+        # pathlib of Python 3.11 raises RuntimeError for a loop of symbolic links.
+        if not str(error).startswith("Symlink loop"):
+            raise
+        click.echo(f"trainer: error: {error}", err=True)
+        sys.exit(TrainerError.exit_code)
     except KeyboardInterrupt:
         click.echo("trainer: interrupted", err=True)
         sys.exit(130)
