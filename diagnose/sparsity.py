@@ -713,12 +713,21 @@ def predict_from_dataset(path: Path, request: PredictionRequest, threshold: floa
 
 
 def _predict_for_run(run_dir: Path, request: PredictionRequest, threshold: float) -> dict | None:
-    """Predict for the run's own config and dataset; warn and return None when that is impossible."""
+    """Predict for the run's own config and dataset; warn and return None when that is impossible.
+
+    An invalid ``--config`` is an input error, because the user asked for it.
+    """
     from trainer.config import TrainerError, config_from_dict, load_config
 
+    explicit = None
+    if request.config_path is not None:
+        try:
+            explicit = load_config(request.config_path, request.overrides)
+        except TrainerError as error:
+            raise InputError(str(error)) from None
     try:
-        if request.config_path is not None:
-            config = load_config(request.config_path, request.overrides)
+        if explicit is not None:
+            config = explicit
         else:
             config = config_from_dict(_run_config(run_dir), source=str(run_dir / "run.json"))
             if request.overrides:

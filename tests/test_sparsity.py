@@ -225,6 +225,13 @@ def test_missing_inputs_exit_2(tmp_path):
     assert_input_error(invoke(tmp_path / "weights.pt"), "expected a run directory, a metrics.jsonl")
 
 
+def test_invalid_config_for_run_exit_2(tmp_path):
+    write_log(tmp_path / "run", log_records())
+    config = tmp_path / "broken.toml"
+    config.write_text('[optim]\nbatch_size = "eight"\n')
+    assert_input_error(invoke(tmp_path / "run", "--config", config), "broken.toml", "optim.batch_size")
+
+
 def test_fail_on_starved(tmp_path):
     write_log(tmp_path / "run", log_records())
     starved = invoke(tmp_path / "run", "--fail-on", "starved")
