@@ -416,7 +416,10 @@ def sample_pair_statistics(
     vectors = np.ascontiguousarray(normalised, dtype=np.float32)
 
     kept = []
-    cosine_sum = cosine_square_sum = potential_sum = 0.0
+    # Deviations from a shift near the mean are summed instead of the cosines, because
+    # E[c^2] - E[c]^2 cancels to zero when every cosine is close to 1 (a collapsed set).
+    shift: np.float32 | None = None
+    deviation_sum = deviation_square_sum = potential_sum = 0.0
     upper_of_square: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for start in range(0, rows, block):
         stop = min(start + block, rows)
@@ -428,8 +431,11 @@ def sample_pair_statistics(
         for values in (cosines[:, :width][upper_of_square[width]], cosines[:, width:]):
             if values.size == 0:
                 continue
-            cosine_sum += float(values.sum(dtype=np.float64))
-            cosine_square_sum += float(np.square(values).sum(dtype=np.float64))
+            if shift is None:
+                shift = np.float32(values.mean(dtype=np.float64))
+            deviations = values - shift
+            deviation_sum += float(deviations.sum(dtype=np.float64))
+            deviation_square_sum += float(np.square(deviations).sum(dtype=np.float64))
             # uniformity terms exp(-2 ||x_i - x_j||^2) = exp(4 cos - 4) lie in [exp(-8), 1] for unit rows,
             # so they are summed directly, without log-sum-exp.
             potential_sum += float(np.exp(4.0 * values - 4.0).sum(dtype=np.float64))
@@ -445,8 +451,8 @@ def sample_pair_statistics(
             else:
                 kept.append(values.astype(np.float64).reshape(-1))
 
-    mean = cosine_sum / total_pairs
-    std = math.sqrt(max(cosine_square_sum / total_pairs - mean * mean, 0.0))
+    mean_deviation = deviation_sum / total_pairs
+    std = math.sqrt(max(deviation_square_sum / total_pairs - mean_deviation * mean_deviation, 0.0))
     sampled = np.concatenate(kept)
     quantiles = np.quantile(sampled, [0.05, 0.5, 0.95])
     summary = {

@@ -77,6 +77,15 @@ def test_near_constant_vectors_are_complete_collapse():
     assert metrics["verdict"] == "complete_collapse"
 
 
+def test_cosine_spread_of_collapsed_set_does_not_cancel():
+    # Cosines near 1 with a spread of about 5e-6, far above float32 rounding (about 1e-7).
+    rng = np.random.default_rng(2)
+    z = (np.full((1000, 32), 0.7) + 3e-3 * rng.standard_normal((1000, 32))).astype(np.float32)
+    metrics = collapse_metrics(z)
+    assert metrics["cosine"]["mean"] > 0.9999
+    assert metrics["cosine"]["std"] == pytest.approx(all_pair_cosines(z).std(), rel=0.01)
+
+
 def test_tight_page_clusters_are_group_collapse():
     rng = np.random.default_rng(3)
     centres = rng.standard_normal((120, 40))
