@@ -15,7 +15,7 @@ from trainer.data import DataError, PanelInputs, iterate_batches, load_dataset, 
 from trainer_dataset import PAGE_HEIGHT, PAGE_WIDTH, PageSpec, grid_page, simple_dataset, write_dataset
 
 EXPECTED_SKIPS = {
-    "invalid_manifest_row": 0,
+    "invalid_manifest_row": 1,
     "duplicate_page": 1,
     "unlabelled": 1,
     "page_type_filtered": 2,
@@ -27,6 +27,7 @@ EXPECTED_SKIPS = {
     "bbox_outside_page": 2,
     "missing_image": 1,
     "unreadable_image": 1,
+    "size_mismatch": 1,
 }
 
 
@@ -45,11 +46,13 @@ def write_mixed_dataset(root: Path) -> Path:
         PageSpec("negative", [([-5, 10, 20, 20], "left of page")]),
         PageSpec("noimage", [([2, 2, 40, 40], "gone")], write_image=False),
         PageSpec("garbled", [([2, 2, 40, 40], "garbled")]),
+        PageSpec("oversized", [([1000, 10, 40, 40], "far right")], extra={"image_width": 99999}),
     ]
     manifest = write_dataset(root, good + bad, unlabelled=("nolabel",))
     (root / "pages" / "garbled.png").write_bytes(b"not a png at all")
     with open(manifest, "a") as handle:
         handle.write("good_a,pages/good_a.png,annotations/good_a.json\n")
+        handle.write("extra,pages/good_b.png,annotations/good_b.json,surplus\n")
     return manifest
 
 
@@ -107,6 +110,57 @@ def test_crop_scales_when_image_resolution_differs(tmp_path):
     panel = load_dataset(DataConfig(manifest=str(manifest))).pages[0].panels[0]
     assert panel.image.size == (60, 120)
     assert panel.layout[0] == pytest.approx(0.5)
+
+
+def test_crop_scales_with_rounded_image_size(tmp_path):
+    # 401 / 2 = 200.5 rounds to 200 when the page image is halved, so the aspect ratios differ slightly.
+    spec = PageSpec("p", [([100, 200, 100, 100], "Hi")], width=300, height=401)
+    manifest = write_dataset(tmp_path, [spec])
+    image_path = tmp_path / "pages" / "p.png"
+    Image.open(image_path).resize((150, 200)).save(image_path)
+    dataset = load_dataset(DataConfig(manifest=str(manifest)))
+    assert dataset.skipped["size_mismatch"] == 0
+    assert dataset.pages[0].panels[0].image.size == (50, 50)
+
+
+@pytest.mark.parametrize("load_images", [True, False])
+def test_declared_size_unlike_image_is_skipped(tmp_path, load_images):
+    # The panel lies inside the declared 99999 px width, far right of the 96 px image.
+    oversized = PageSpec("oversized", [([1000, 10, 40, 40], "far right")], extra={"image_width": 99999})
+    manifest = write_dataset(tmp_path, [grid_page("good", 2), oversized])
+    dataset = load_dataset(DataConfig(manifest=str(manifest)), load_images=load_images)
+
+    assert [page.page_id for page in dataset.pages] == ["good"]
+    assert dataset.skipped["size_mismatch"] == 1
+    detail = dataset.skipped_examples["size_mismatch"][0]
+    assert detail.startswith("oversized: ")
+    assert "99999x128" in detail
+    assert f"{PAGE_WIDTH}x{PAGE_HEIGHT}" in detail
+
+
+def test_image_stretched_in_one_direction_is_skipped(tmp_path):
+    manifest = write_dataset(tmp_path, [grid_page("good", 2), grid_page("stretched", 2)])
+    image_path = tmp_path / "pages" / "stretched.png"
+    Image.open(image_path).resize((PAGE_WIDTH * 2, PAGE_HEIGHT)).save(image_path)
+    dataset = load_dataset(DataConfig(manifest=str(manifest)))
+    assert [page.page_id for page in dataset.pages] == ["good"]
+    assert dataset.skipped["size_mismatch"] == 1
+
+
+def test_manifest_row_with_extra_field_is_skipped(tmp_path):
+    manifest = write_dataset(tmp_path, [grid_page("good", 2), grid_page("shifted", 2)])
+    lines = manifest.read_text().splitlines()
+    # An unquoted comma in the image path shifts the annotation path into a fourth field.
+    lines[2] = "shifted,pages/shif,ted.png,annotations/shifted.json"
+    lines.append("padded,pages/good.png,annotations/good.json,one,two")
+    manifest.write_text("\n".join(lines) + "\n")
+    dataset = load_dataset(DataConfig(manifest=str(manifest)))
+
+    assert [page.page_id for page in dataset.pages] == ["good"]
+    assert dataset.skipped["invalid_manifest_row"] == 2
+    first, second = dataset.skipped_examples["invalid_manifest_row"]
+    assert first == "shifted: manifest line 3 has 1 field more than the 3 header columns"
+    assert second == "padded: manifest line 4 has 2 fields more than the 3 header columns"
 
 
 def test_nothing_usable_names_the_manifest(tmp_path):

@@ -57,6 +57,7 @@ SKIP_REASONS = (
     "bbox_outside_page",
     "missing_image",
     "unreadable_image",
+    "size_mismatch",
 )
 # Examples kept per skip reason for run.json and the error message.
 MAX_SKIP_EXAMPLES = 3
@@ -281,6 +282,15 @@ class _PageReader:
         self.digest = hashlib.sha256()
 
     def read(self, line: int, row: dict[str, str], page_id: str, page_index: int) -> Page:
+        # csv.DictReader collects the fields beyond the header's columns in a list under the key None.
+        extra_fields = row.get(None)
+        if extra_fields:
+            columns = len(row) - 1
+            plural = "field" if len(extra_fields) == 1 else "fields"
+            raise _SkipRecord(
+                "invalid_manifest_row",
+                f"manifest line {line} has {len(extra_fields)} {plural} more than the {columns} header columns",
+            )
         image_name = (row.get("image_path") or "").strip()
         json_name = (row.get("json_path") or "").strip()
         if not page_id or not image_name or not json_name:
@@ -324,9 +334,11 @@ class _PageReader:
             self.digest.update(image_bytes)
             with Image.open(io.BytesIO(image_bytes)) as opened:
                 # Image.open reads only the header; convert() decodes the pixels.
+                image_size = opened.size
                 image = opened.convert("RGB") if self.load_images else None
         except (OSError, Image.DecompressionBombError) as error:
             raise _SkipRecord("unreadable_image", f"{image_path}: {error}") from None
+        _check_page_size(width, height, image_size, json_path, image_path)
 
         panels = [
             _make_panel(image, image_path, self.page_images, box, spec.get("text") or "", width, height, page_index)
@@ -371,6 +383,26 @@ def _parse_bbox(spec: dict, index: int, width: float, height: float, json_path: 
             f"{json_path}: panel {index} bbox {bbox} leaves the {width:g}x{height:g} page",
         )
     return x, y, w, h
+
+
+def _check_page_size(
+    width: float, height: float, image_size: tuple[int, int], json_path: Path, image_path: Path
+) -> None:
+    """Raise a ``size_mismatch`` skip unless the image is the declared page scaled by one factor.
+
+    Boxes are scaled from the declared size to the image, so an image stored at another resolution
+    is accepted. Because a resize rounds to whole pixels, one side may be off by up to one pixel.
+    """
+    image_width, image_height = image_size
+    height_from_width = height * image_width / width
+    width_from_height = width * image_height / height
+    if abs(height_from_width - image_height) <= 1 or abs(width_from_height - image_width) <= 1:
+        return
+    raise _SkipRecord(
+        "size_mismatch",
+        f"{json_path} declares a {width:g}x{height:g} page, but {image_path} is {image_width}x{image_height} "
+        "pixels, which is not that page at any scale",
+    )
 
 
 def _is_number(value: object) -> bool:
