@@ -487,19 +487,12 @@ def _load_torch(path: Path) -> EmbeddingSet:
 
 
 def _torch_load(path: Path):
-    import pickle
-
-    import torch
+    from trainer.torch_files import TorchFileError, load_weights_only
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise InputError(
-            f"{path}: refused to unpickle arbitrary objects (only tensors and plain values load): "
-            f"{_first_line(error)}"
-        ) from None
-    except Exception as error:  # torch raises RuntimeError, EOFError, zipfile errors for damaged files
-        raise InputError(f"{path}: not a readable torch file ({_first_line(error)})") from None
+        return load_weights_only(path)
+    except TorchFileError as error:
+        raise InputError(f"{path}: {error}") from None
 
 
 def _memory_source(path: Path, name: str, array) -> MemoryArray:

@@ -433,14 +433,15 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a trainer checkpoint with ``weights_only=True``; raise TrainerError if it is not one."""
+    from trainer.torch_files import TorchFileError, load_weights_only
+
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights_only(path)
     except FileNotFoundError:
         raise TrainerError(f"{path}: checkpoint not found") from None
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise TrainerError(f"{path}: cannot load checkpoint ({first_line})") from None
+    except (TorchFileError, OSError) as error:
+        raise TrainerError(f"{path}: cannot load checkpoint: {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise TrainerError(f"{path}: not a collapse-toolkit checkpoint (no format={CHECKPOINT_FORMAT!r} key)")
     if checkpoint.get("version") != FORMAT_VERSION:
