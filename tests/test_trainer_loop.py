@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import stat
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,25 @@ def test_fit_writes_every_artifact(tmp_path):
     output_lines = console.file.getvalue().strip().splitlines()
     assert output_lines[0].startswith(f"data {run.dataset.manifest}: 10 pages (7 train, 3 validation), 23 panels")
     assert [line.split()[:2] for line in output_lines[1:]] == [["epoch", "1/2"], ["epoch", "2/2"]]
+
+
+def test_artifacts_get_default_file_mode(tmp_path):
+    # Frozen backbones make the run write its feature cache under RUN/cache.
+    config = tiny_config(make_dataset(tmp_path), "optim.epochs=1", "model.vision_frozen=true", "model.text_frozen=true")
+    run_dir = tmp_path / "run"
+    loop.fit(config, run_dir, console=quiet_console())
+    # open() applies the process umask to mode 0o666, as for any newly created file.
+    reference = tmp_path / "reference"
+    with open(reference, "w"):
+        pass
+    expected = stat.S_IMODE(reference.stat().st_mode)
+
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    names = {path.relative_to(run_dir).as_posix() for path in files}
+    assert "embeddings/epoch_0001.safetensors" in names
+    assert any(name.startswith("cache/") and name.endswith(".safetensors") for name in names)
+    for path in files:
+        assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(expected), path.relative_to(run_dir)
 
 
 def test_keep_last_deletes_older_epoch_checkpoints(tmp_path):

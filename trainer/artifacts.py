@@ -362,7 +362,10 @@ def save_torch(payload: Any, path: Path) -> None:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file. A failed write raises OSError instead of SafetensorError."""
+    """Write a safetensors file with the mode of a newly created file (0o666 less the umask).
+
+    A failed write raises OSError instead of SafetensorError.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -371,6 +374,16 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     except SafetensorError as error:
         # The message ends with the OS error, such as "I/O error: No space left on device (os error 28)".
         raise OSError(None, str(error).strip().splitlines()[0]) from None
+    # save_file (safetensors 0.8.0) creates a temporary file with mode 0o600 and renames it onto path.
+    os.chmod(path, 0o666 & ~_current_umask())
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it, so it is set back at once. A file that another thread
+    # creates between the two calls gets the common default umask 0o022 instead of this process's.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
