@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,83 @@ def test_kill_during_training_steps(references, tmp_path):
     assert read_metrics(run_dir) == read_metrics(runs["balanced"])
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert checkpoint["sampler_state_dict"] == {"seed": 1, "epoch": EPOCHS}
+
+
+# --------------------------------------------------------------------------------------------------
+# Missing or unloadable checkpoints
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """Copy a finished run; last.pt becomes a file of its own rather than a link to the last epoch's."""
+    shutil.copytree(source, target)
+    return target
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_resume_candidates_newest_first(tmp_path):
+    directory = RunDirectory(tmp_path)
+    directory.checkpoints_dir.mkdir()
+    for name in ("epoch_0002.pt", "epoch_0010.pt", "epoch_0009.pt", "best.pt", "last.pt", ".epoch_0011.pt.tmp-7"):
+        (directory.checkpoints_dir / name).write_bytes(b"")
+    names = [path.name for path in directory.resume_candidates()]
+    assert names == ["last.pt", "epoch_0010.pt", "epoch_0009.pt", "epoch_0002.pt"]
+
+
+def test_resume_without_last_uses_newest_epoch(references, tmp_path, capfd):
+    _, runs = references
+    run_dir = copy_run(runs["random"], tmp_path / "run")
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    capfd.readouterr()
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    newest = run_dir / "checkpoints" / f"epoch_{EPOCHS:04d}.pt"
+    assert f"resuming from {newest} (epoch {EPOCHS})" in capfd.readouterr().err
+    assert json.loads((run_dir / "run.json").read_text())["resumed_from_epoch"] == [EPOCHS]
+    assert read_metrics(run_dir) == read_metrics(runs["random"])
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_resume_skips_unloadable_checkpoints(references, tmp_path, capfd, damage):
+    _, runs = references
+    run_dir = copy_run(runs["random"], tmp_path / "run")
+    checkpoints = run_dir / "checkpoints"
+    if damage == "delete":
+        (checkpoints / "last.pt").unlink()
+    else:
+        truncate(checkpoints / "last.pt")
+    truncate(checkpoints / f"epoch_{EPOCHS:04d}.pt")
+    capfd.readouterr()
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    err = capfd.readouterr().err
+    assert f"{checkpoints / f'epoch_{EPOCHS:04d}.pt'}: cannot load checkpoint" in err
+    assert f"resuming from {checkpoints / f'epoch_{EPOCHS - 1:04d}.pt'} (epoch {EPOCHS - 1})" in err
+    assert json.loads((run_dir / "run.json").read_text())["resumed_from_epoch"] == [EPOCHS - 1]
+    assert_same_final_checkpoint(run_dir, runs["random"])
+    assert read_metrics(run_dir) == read_metrics(runs["random"])
+    assert load_checkpoint(checkpoints / "last.pt")["epoch"] == EPOCHS
+
+
+def test_resume_fails_when_no_checkpoint_loads(references, tmp_path, capfd):
+    _, runs = references
+    run_dir = copy_run(runs["random"], tmp_path / "run")
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "last.pt").unlink()
+    for path in checkpoints.glob("epoch_*.pt"):
+        truncate(path)
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    capfd.readouterr()
+
+    assert run_cli(["resume", str(run_dir)]) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert "every checkpoint failed to load" in lines[0]
+    assert "epoch_0001.pt: cannot load checkpoint" in lines[0]
+    # The failed resume keeps the run's records.
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
 # --------------------------------------------------------------------------------------------------

@@ -316,6 +316,25 @@ class RunDirectory:
             self._delete_epoch_checkpoints_before(epoch - keep_last + 1)
         return epoch_path
 
+    def resume_candidates(self) -> list[Path]:
+        """Return the checkpoint files that a resume may start from, newest first.
+
+        ``last.pt`` comes first, then the ``epoch_NNNN.pt`` files by descending epoch. Only existing
+        files are listed, and none of them is opened.
+        """
+        candidates = []
+        last = self.checkpoints_dir / "last.pt"
+        if last.is_file():
+            candidates.append(last)
+        epochs = []
+        if self.checkpoints_dir.is_dir():
+            for path in self.checkpoints_dir.iterdir():
+                match = EPOCH_CHECKPOINT.fullmatch(path.name)
+                if match and path.is_file():
+                    epochs.append((int(match.group(1)), path))
+        candidates.extend(path for _, path in sorted(epochs, reverse=True))
+        return candidates
+
     def _delete_epoch_checkpoints_before(self, first_kept: int) -> None:
         for path in self.checkpoints_dir.glob("epoch_*.pt"):
             match = EPOCH_CHECKPOINT.fullmatch(path.name)

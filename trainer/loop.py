@@ -1,6 +1,6 @@
 """The training loop, in the order it runs: setup, data, model, optimiser, step, validation, artifacts.
 
-``fit`` trains a new run and ``resume`` continues one from its ``last.pt``. Everything else is a short
+``fit`` trains a new run and ``resume`` continues one from its newest checkpoint. Everything else is a short
 function named after one stage, so the order of operations reads top to bottom.
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trainer import distributed
@@ -129,32 +130,51 @@ def fit(
 
 
 def resume(run_dir: str | Path, console: Console | None = None) -> Run:
-    """Continue a run from ``checkpoints/last.pt`` up to its configured number of epochs.
+    """Continue a run from its newest checkpoint that loads, up to its configured number of epochs.
 
-    The optimiser, scheduler, sampler and every RNG state come from the checkpoint, and the
+    ``checkpoints/last.pt`` is tried first, then the ``epoch_NNNN.pt`` files from the newest epoch
+    down. The optimiser, scheduler, sampler and every RNG state come from the checkpoint, and the
     ``metrics.jsonl`` records written after it are dropped, so the finished run matches an
     uninterrupted one. A run killed before its first checkpoint starts again from the config in
-    its ``run.json``.
+    its ``run.json``. When checkpoint files exist but none of them loads, it raises TrainerError
+    and changes nothing.
     """
     directory = RunDirectory(run_dir)
-    last = directory.checkpoints_dir / "last.pt"
-    checkpoint = None
-    if not last.exists() and directory.run_json_path.is_file():
+    source, checkpoint, load_errors = _newest_loadable_checkpoint(directory)
+    if checkpoint is not None:
+        config = config_from_dict(checkpoint["config"], source=str(source))
+    elif load_errors:
+        raise TrainerError(
+            f"{directory.checkpoints_dir}: every checkpoint failed to load ({'; '.join(load_errors)}). "
+            "Delete these files to start the run again from epoch 1"
+        )
+    elif directory.run_json_path.is_file():
         config = _config_from_run_info(directory)
     else:
-        checkpoint = load_checkpoint(last)
-        config = config_from_dict(checkpoint["config"], source=str(last))
+        raise TrainerError(
+            f"{directory.checkpoints_dir}: checkpoint not found (no last.pt or epoch_NNNN.pt), and "
+            f"{directory.run_json_path} is missing too, so there is no run to resume"
+        )
 
     dist = distributed.initialize(select_device(config.device))
     finished = False
     try:
         console = _rank_console(console, dist)
         directory.writer = dist.is_main
+        for error in load_errors:
+            console.print(f"[yellow]warning:[/] {escape(error)}, so an older checkpoint is used", soft_wrap=True)
+        if checkpoint is None:
+            console.print(
+                f"{directory.checkpoints_dir}: no checkpoint found, so the run starts again from epoch 1",
+                markup=False, highlight=False, soft_wrap=True,
+            )
+        else:
+            console.print(
+                f"resuming from {source} (epoch {checkpoint['epoch']})", markup=False, highlight=False, soft_wrap=True
+            )
         run = setup(config, directory, console, checkpoint=checkpoint, dist=dist)
         report_setup(run)
-        if checkpoint is None:
-            console.print(f"{last} not found: the run starts again from epoch 1", markup=False, highlight=False)
-        elif checkpoint.get("dataset_fingerprint") != run.dataset.fingerprint:
+        if checkpoint is not None and checkpoint.get("dataset_fingerprint") != run.dataset.fingerprint:
             console.print(f"[yellow]warning:[/] {config.data.manifest}: dataset changed since the checkpoint was written")
 
         directory.prepare(overwrite=False)
@@ -172,6 +192,21 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
     finally:
         distributed.shutdown(dist, finished)
     return run
+
+
+def _newest_loadable_checkpoint(directory: RunDirectory) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """Load the first checkpoint of ``directory.resume_candidates()`` that loads.
+
+    Returns its path and content (both None when no file loads) and the error messages of the
+    files before it that failed to load.
+    """
+    errors = []
+    for path in directory.resume_candidates():
+        try:
+            return path, load_checkpoint(path), errors
+        except TrainerError as error:
+            errors.append(str(error))
+    return None, None, errors
 
 
 def _config_from_run_info(directory: RunDirectory) -> TrainConfig:
