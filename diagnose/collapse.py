@@ -483,6 +483,20 @@ def worst_verdict(verdicts: list[str]) -> str:
     return max(verdicts, key=VERDICT_ORDER.index) if verdicts else "healthy"
 
 
+def collapse_course(verdicts: list[tuple[int, str | None]]) -> tuple[int | None, int | None]:
+    """Return the first collapsed epoch and the epoch from which the run stayed healthy to its end.
+
+    ``verdicts`` are (epoch, verdict) pairs in epoch order. The second value is None unless an earlier
+    epoch collapsed and the last one is healthy, so that "collapsed at epoch 1" is not read as the
+    state of a run that recovered.
+    """
+    collapsed = [epoch for epoch, verdict in verdicts if verdict not in (None, "healthy")]
+    if not collapsed or verdicts[-1][1] != "healthy":
+        return (collapsed[0] if collapsed else None), None
+    later = [epoch for epoch, _ in verdicts if epoch > collapsed[-1]]
+    return collapsed[0], later[0]
+
+
 def collapse_metrics(
     embeddings: np.ndarray,
     pages: np.ndarray | None = None,

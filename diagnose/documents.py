@@ -19,6 +19,7 @@ from diagnose.collapse import (
     NonFiniteRowError,
     PairAccumulator,
     VerdictThresholds,
+    collapse_course,
     entropy_rank,
     last_row_of_each_page,
     worst_verdict,
@@ -96,8 +97,9 @@ def collapse_document(
              "verdict": entry["verdict"]}
             for entry in trajectory
         ]
-        collapsed = [entry["epoch"] for entry in trajectory if entry["verdict"] != "healthy"]
-        document["first_collapsed_epoch"] = collapsed[0] if collapsed else None
+        first, healthy_since = collapse_course([(entry["epoch"], entry["verdict"]) for entry in trajectory])
+        document["first_collapsed_epoch"] = first
+        document["healthy_since_epoch"] = healthy_since
     return document
 
 

@@ -70,6 +70,15 @@ def verdict_text(verdict: str | None) -> str:
     return f"[{style}]{verdict}[/]" if style else verdict
 
 
+def collapse_course_text(first: int | None, healthy_since: int | None) -> str:
+    """Describe the first collapsed epoch, and the recovery when the run ended healthy."""
+    if first is None:
+        return "none"
+    if healthy_since is None:
+        return str(first)
+    return f"{first}, healthy again from epoch {healthy_since}"
+
+
 def render_collapse(document: dict, console: Console) -> None:
     """Print the collapse table, the modality pairs, the trajectory and the verdict."""
     modalities = document.get("modalities") or {}
@@ -98,8 +107,8 @@ def render_collapse(document: dict, console: Console) -> None:
     epochs = document.get("epochs")
     if epochs:
         _render_trajectory(epochs, console)
-        first = document.get("first_collapsed_epoch")
-        console.print(f"first collapsed epoch: {first if first is not None else 'none'}")
+        course = collapse_course_text(document.get("first_collapsed_epoch"), document.get("healthy_since_epoch"))
+        console.print(f"first collapsed epoch: {course}")
 
     if document.get("verdict") is not None:
         console.print(f"verdict: {verdict_text(document['verdict'])}")
@@ -315,10 +324,10 @@ def render_report(document: dict, console: Console) -> None:
             table.add_row(spec.label, *(format_number(value) for value in values))
     console.print(table)
     if document["is_run"]:
-        first = document["first_collapsed_epoch"]
+        course = collapse_course_text(document["first_collapsed_epoch"], document.get("healthy_since_epoch"))
         best = document["best_epoch"]
         best_text = f"{best} ({document['best_epoch_reason']})" if best is not None else "unknown"
-        console.print(f"best epoch: {best_text}; first collapsed epoch: {first if first is not None else 'none'}")
+        console.print(f"best epoch: {best_text}; first collapsed epoch: {course}")
     console.print(f"verdict: {verdict_text(document['verdict'])}")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from diagnose.io import ArraySource, EmbeddingSet, load_embeddings
 from diagnose.plots import MAX_LEGEND_PAGES
-from diagnose.render import lookup
+from diagnose.render import collapse_course_text, lookup
 from diagnose.run_summary import (
     EpochSummary,
     ProgressCallback,
@@ -133,6 +133,7 @@ def report_document(summary: RunSummary, maps: list[dict], histogram_pairs: dict
         "best_epoch": summary.best_epoch,
         "best_epoch_reason": summary.best_reason,
         "first_collapsed_epoch": summary.first_collapsed_epoch() if summary.is_run else None,
+        "healthy_since_epoch": summary.healthy_since_epoch() if summary.is_run else None,
         "epochs": epoch_table(summary),
         "sparsity": loss_sparsity(summary.log) if summary.log is not None else None,
         "maps": [{key: value for key, value in entry.items() if key != "image"} for entry in maps],
@@ -446,7 +447,7 @@ def _summary_section(summary: RunSummary, document: dict) -> str:
         items.append(("epochs with embeddings", str(len(summary.epochs))))
         items.append(("best epoch", f"{_epoch_text(summary.best_epoch)} ({summary.best_reason})"
                       if summary.best_epoch is not None else "unknown (no validation loss and no best.pt)"))
-        items.append(("first collapsed epoch", _epoch_text(first_collapsed) if first_collapsed is not None else "none"))
+        items.append(("first collapsed epoch", collapse_course_text(first_collapsed, document["healthy_since_epoch"])))
     rows = "".join(f"<tr><th>{escape(label)}</th><td>{cell(value)}</td></tr>" for label, value in items)
     notes = "".join(f"<li>{escape(note)}</li>" for note in summary.notes)
     body = f"<table class='summary'>{rows}</table>"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 
+from diagnose.collapse import collapse_course
 from diagnose.documents import DEFAULT_CHUNK_ROWS, measure_collapse
 from diagnose.io import EmbeddingSet, InputError, load_checkpoint, load_embeddings, resolve_epochs
 from diagnose.sparsity import min_active
@@ -213,8 +214,14 @@ class RunSummary:
         return self.log.epochs.get(epoch)
 
     def first_collapsed_epoch(self) -> int | None:
-        collapsed = [summary.epoch for summary in self.epochs if summary.collapse["verdict"] not in (None, "healthy")]
-        return collapsed[0] if collapsed else None
+        return collapse_course(self._verdicts())[0]
+
+    def healthy_since_epoch(self) -> int | None:
+        """Return the epoch from which a run that collapsed earlier stayed healthy (see ``collapse_course``)."""
+        return collapse_course(self._verdicts())[1]
+
+    def _verdicts(self) -> list[tuple[int, str | None]]:
+        return [(summary.epoch, summary.collapse["verdict"]) for summary in self.epochs]
 
 
 def summarize_run(

@@ -5,7 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from diagnose.collapse import CollapseAccumulator, collapse_metrics, last_row_of_each_page, pair_metrics
+from diagnose.collapse import (
+    CollapseAccumulator,
+    collapse_course,
+    collapse_metrics,
+    last_row_of_each_page,
+    pair_metrics,
+)
+from diagnose.render import collapse_course_text
 
 
 def reference_rankme(z: np.ndarray) -> float:
@@ -199,3 +206,16 @@ def test_collapse_metrics_rejects_bad_shapes():
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         collapse_metrics(bad)
+
+
+@pytest.mark.parametrize(("verdicts", "expected", "text"), [
+    ([(1, "healthy"), (2, "healthy")], (None, None), "none"),
+    ([(1, "healthy"), (2, "group_collapse")], (2, None), "2"),
+    ([(1, "group_collapse"), (2, "healthy")], (1, 2), "1, healthy again from epoch 2"),
+    ([(1, "group_collapse"), (2, "healthy"), (3, "complete_collapse"), (4, "healthy"), (5, "healthy")],
+     (1, 4), "1, healthy again from epoch 4"),
+    ([(3, "dimensional_collapse"), (7, "dimensional_collapse")], (3, None), "3"),
+])
+def test_collapse_course_reports_recovery(verdicts, expected, text):
+    assert collapse_course(verdicts) == expected
+    assert collapse_course_text(*expected) == text
