@@ -217,3 +217,22 @@ def test_show_config_bad_key_exits_2(capfd):
     error_lines = capfd.readouterr().err.strip().splitlines()
     assert len(error_lines) == 1
     assert "unknown config key 'optim.speed'" in error_lines[0]
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("optim.epochs=abc", "invalid value for optim.epochs: expected an integer, got 'abc'"),
+    ("model.dim=-1", "invalid value for model.dim: expected at least 1, got -1"),
+])
+def test_set_errors_name_set_not_file(tmp_path, override, fragment):
+    config = tmp_path / "valid.toml"
+    config.write_text("[optim]\nepochs = 3\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, [override])
+    assert str(raised.value) == f"--set: {fragment}"
+
+
+def test_file_errors_still_name_file(tmp_path):
+    config = tmp_path / "invalid.toml"
+    config.write_text("[optim]\nepochs = 0\n")
+    with pytest.raises(ConfigError, match=f"^{config}: invalid value for optim.epochs"):
+        load_config(config, ["model.dim=8"])

@@ -197,10 +197,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     tree: dict[str, Any] = {}
     if path is not None:
         tree = _read_toml_tree(Path(path), chain=())
+    # Errors in a key given with --set name --set, not the file.
+    key_sources: dict[str, str] = {}
     for override in overrides:
         key, value = parse_override(override)
         _set_dotted(tree, key, value, source="--set")
-    config = config_from_dict(tree, source=str(path) if path is not None else "--set")
+        key_sources[key] = "--set"
+    config = config_from_dict(tree, source=str(path) if path is not None else "--set", key_sources=key_sources)
 
     # Absolute paths keep run.json and checkpoints usable from another working directory.
     for key in PATH_KEYS:
@@ -211,8 +214,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return config
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build and validate a config from a nested dict (a parsed file, or ``config_to_dict`` output)."""
+def config_from_dict(
+    tree: dict[str, Any], source: str = "config", key_sources: dict[str, str] | None = None
+) -> TrainConfig:
+    """Build and validate a config from a nested dict (a parsed file, or ``config_to_dict`` output).
+
+    ``key_sources`` names, for some dotted keys, where their value came from, in place of ``source``.
+    """
+    key_sources = key_sources or {}
     preset = tree.get("preset", "default")
     if preset not in PRESETS:
         raise ConfigError(f"{source}: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
@@ -221,9 +230,9 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> TrainConfi
     for key, value in PRESETS[preset].items():
         _assign(config, key, value, source=f"preset {preset}")
     for key, value in _flatten(tree, source=source):
-        _assign(config, key, value, source=source)
+        _assign(config, key, value, source=key_sources.get(key, source))
 
-    validate_config(config, source=source)
+    validate_config(config, source=source, key_sources=key_sources)
     return config
 
 
@@ -398,7 +407,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
 # Validation
 
 
-def validate_config(config: TrainConfig, source: str = "config") -> None:
+def validate_config(config: TrainConfig, source: str = "config", key_sources: dict[str, str] | None = None) -> None:
     """Raise ConfigError naming the first key whose value is out of range."""
     checks: list[tuple[str, bool, str]] = [
         ("data.manifest", bool(config.data.manifest), "a path to the manifest CSV"),
@@ -445,7 +454,8 @@ def validate_config(config: TrainConfig, source: str = "config") -> None:
     for key, passed, expected in checks:
         if not passed:
             value = _get_value(config, key)
-            raise ConfigError(f"{source}: invalid value for {key}: expected {expected}, got {value!r}")
+            origin = (key_sources or {}).get(key, source)
+            raise ConfigError(f"{origin}: invalid value for {key}: expected {expected}, got {value!r}")
 
 
 def _positive(value: float) -> bool:
