@@ -187,6 +187,8 @@ def main():
 @click.option("--last-only", is_flag=True, help="For a run directory, measure only the last epoch.")
 @click.option("--data", "data_manifest", type=click.Path(path_type=Path), metavar="MANIFEST",
               help="For a checkpoint without its embedding file: dataset manifest CSV to re-embed.")
+@click.option("--split", "data_split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="With --data: the pages to re-embed, by the checkpoint's validation split (val_fraction, seed).")
 @click.option("--min-rank-ratio", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0), callback=_finite,
               help="dimensional_collapse below this effective_rank / min(N, D).")
 @click.option("--complete-std-ratio", default=0.1, show_default=True, type=click.FloatRange(0.0, None), callback=_finite,
@@ -203,8 +205,8 @@ def main():
               help="Compute a Zarr store's reductions with dask (the dask extra), block by block.")
 @handle_input_errors
 @show_warnings
-def collapse(path, json_target, modalities, last_only, data_manifest, min_rank_ratio, complete_std_ratio,
-             complete_mean_cosine, group_intra_cosine, fail_on, chunk_rows, use_dask):
+def collapse(path, json_target, modalities, last_only, data_manifest, data_split, min_rank_ratio,
+             complete_std_ratio, complete_mean_cosine, group_intra_cosine, fail_on, chunk_rows, use_dask):
     """Measure representation collapse of PATH: effective rank (RankMe), covariance spectrum, per-dimension
     spread (std_l2), pairwise cosines, uniformity, intra/inter-page cosine and the vision-text gap.
 
@@ -232,7 +234,7 @@ def collapse(path, json_target, modalities, last_only, data_manifest, min_rank_r
                 chunk_rows=chunk_rows, on_rows=on_rows, use_dask=use_dask,
             )
     except CheckpointWithoutEmbeddings as missing:
-        document = _checkpoint_without_embeddings(missing, data_manifest, thresholds, modalities, console)
+        document = _checkpoint_without_embeddings(missing, data_manifest, data_split, thresholds, modalities)
 
     from diagnose.render import render_collapse
 
@@ -243,16 +245,18 @@ def collapse(path, json_target, modalities, last_only, data_manifest, min_rank_r
         sys.exit(EXIT_FAILED_CHECK)
 
 
-def _checkpoint_without_embeddings(missing, data_manifest, thresholds, modalities, console) -> dict:
+def _checkpoint_without_embeddings(missing, data_manifest, data_split, thresholds, modalities) -> dict:
     from diagnose.documents import COLLAPSE_SCHEMA, measure_collapse, weight_diagnostics
 
     if data_manifest is not None:
         from diagnose.reembed import embed_checkpoint
 
-        embedding_set = embed_checkpoint(missing.path, data_manifest)
+        embedding_set = embed_checkpoint(missing.path, data_manifest, split=data_split)
+        pages = len(embedding_set.page_ids or [])
+        click.echo(f"note: re-embedded {pages} pages ({data_split} split) of {data_manifest}", err=True)
         measured = measure_collapse(embedding_set, modalities=list(modalities) or None, thresholds=thresholds)
         return {"schema": COLLAPSE_SCHEMA, "source": str(missing.path), **measured,
-                "epoch": embedding_set.epoch, "epochs": None}
+                "epoch": embedding_set.epoch, "epochs": None, "split": data_split}
     click.echo(
         f"note: {missing.path} has no embedding file next to it; showing weight-space diagnostics only. "
         "Pass --data MANIFEST to re-embed a dataset with this checkpoint.",

@@ -9,11 +9,12 @@ import numpy as np
 from diagnose.io import EmbeddingSet, InputError, MemoryArray
 
 
-def embed_checkpoint(checkpoint_path: Path, manifest: Path) -> EmbeddingSet:
-    """Embed every usable page of ``manifest`` with the checkpoint's model (eval mode, on CPU).
+def embed_checkpoint(checkpoint_path: Path, manifest: Path, split: str = "val") -> EmbeddingSet:
+    """Embed the usable pages of ``manifest`` in ``split`` with the checkpoint's model (eval mode, on CPU).
 
-    The checkpoint's data settings (page types, panel cap) apply; the result has the layout of a
-    per-epoch embedding file, with ``item`` = row index.
+    ``split`` is "val" or "train" (the checkpoint's own validation split) or "all". The checkpoint's data
+    settings (page types, panel cap) apply. The result has the layout of a per-epoch embedding file,
+    with ``item`` = row index.
     """
     from trainer.config import TrainerError
     from trainer.loop import embed_dataset
@@ -21,7 +22,7 @@ def embed_checkpoint(checkpoint_path: Path, manifest: Path) -> EmbeddingSet:
     if not Path(manifest).is_file():
         raise InputError(f"{manifest}: dataset manifest not found")
     try:
-        tensors, page_ids = embed_dataset(checkpoint_path, manifest=manifest)
+        tensors, page_ids = embed_dataset(checkpoint_path, manifest=manifest, split=split)
     except TrainerError as error:
         raise InputError(str(error)) from None
 
@@ -31,7 +32,7 @@ def embed_checkpoint(checkpoint_path: Path, manifest: Path) -> EmbeddingSet:
     }
     rows = sources["fused"].rows
     embedding_set = EmbeddingSet(
-        source=f"{checkpoint_path} on {manifest}",
+        source=f"{checkpoint_path} on {manifest} ({split} split)",
         sources=sources,
         page=tensors["page"].numpy().astype(np.int64),
         item=np.arange(rows, dtype=np.int64),

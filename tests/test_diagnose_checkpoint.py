@@ -65,12 +65,20 @@ def test_checkpoint_alone_reembeds_with_data(tmp_path, run_dir):
     shutil.copy(run_dir / "checkpoints" / "last.pt", lonely)
     shutil.copytree(run_dir / "cache", tmp_path / "cache") if (run_dir / "cache").is_dir() else None
 
-    _, document = collapse_json(tmp_path, lonely, "--data", FIXTURE_MANIFEST)
+    # By default the validation split is embedded, so the figures match the run's own epoch file.
+    result, document = collapse_json(tmp_path, lonely, "--data", FIXTURE_MANIFEST)
+    _, from_file = collapse_json(tmp_path, run_dir / "embeddings" / "epoch_0001.safetensors")
     fused = document["modalities"]["fused"]
-    # Every usable fixture page is embedded, not only the validation split.
-    assert fused["n"] == 288
-    assert document["verdict"] in {"healthy", "group_collapse", "dimensional_collapse", "complete_collapse"}
+    assert document["split"] == "val"
+    assert fused["n"] == from_file["modalities"]["fused"]["n"]
+    assert fused["effective_rank"] == pytest.approx(from_file["modalities"]["fused"]["effective_rank"], rel=1e-4)
+    assert document["verdict"] == from_file["verdict"]
     assert fused["groups"] is not None
+    assert "(val split)" in result.stderr
+
+    # Every usable fixture page with --split all.
+    _, everything = collapse_json(tmp_path, lonely, "--data", FIXTURE_MANIFEST, "--split", "all")
+    assert everything["modalities"]["fused"]["n"] == 288
 
 
 def test_missing_data_manifest(tmp_path, run_dir):

@@ -267,6 +267,23 @@ def test_embed_dataset_matches_epoch_file(tmp_path):
         assert torch.equal(embeddings["has_text"][rows].to(torch.uint8), handle.get_tensor("has_text"))
 
 
+def test_embed_dataset_val_split_reproduces_epoch_file(tmp_path):
+    config = tiny_config(make_dataset(tmp_path), "optim.epochs=1")
+    run = loop.fit(config, tmp_path / "run", console=quiet_console())
+    embeddings, page_ids = loop.embed_dataset(tmp_path / "run" / "checkpoints" / "last.pt", split="val")
+    assert page_ids == [f"p{page:03d}" for page in run.val_pages]
+
+    with safe_open(str(tmp_path / "run" / "embeddings" / "epoch_0001.safetensors"), framework="pt") as handle:
+        assert torch.equal(embeddings["page"], handle.get_tensor("page"))
+        assert torch.allclose(embeddings["fused"], handle.get_tensor("fused"), atol=1e-5)
+
+    train, train_ids = loop.embed_dataset(tmp_path / "run" / "checkpoints" / "last.pt", split="train")
+    assert train_ids == [f"p{page:03d}" for page in run.train_pages]
+    assert train["fused"].shape[0] == sum(COUNTS[page] for page in run.train_pages)
+    with pytest.raises(TrainerError, match="unknown split 'test'"):
+        loop.embed_dataset(tmp_path / "run" / "checkpoints" / "last.pt", split="test")
+
+
 def test_fit_is_deterministic_on_cpu(tmp_path):
     manifest = make_dataset(tmp_path)
     runs = []

@@ -58,6 +58,10 @@ class TrainingDiverged(TrainerError):
     exit_code = 1
 
 
+# Page sets that embed_dataset can embed.
+EMBED_SPLITS = ("all", "train", "val")
+
+
 @dataclass
 class Run:
     """The state of one training run: data, model, optimiser, generators and progress."""
@@ -224,16 +228,23 @@ def _rank_console(console: Console | None, dist: Distributed) -> Console:
 
 
 def embed_dataset(
-    checkpoint_path: str | Path, manifest: str | Path | None = None, device: str = "cpu", batch_size: int = 32
+    checkpoint_path: str | Path,
+    manifest: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    split: str = "all",
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Embed every usable page of a dataset with a checkpoint's model in eval mode.
+    """Embed the usable pages of a dataset with a checkpoint's model in eval mode.
 
     The dataset is the checkpoint's own unless ``manifest`` names another one, and the checkpoint's data
-    settings (page types, panel cap) apply. Frozen-backbone features come from the configured cache, or
-    from the ``cache`` folder of the checkpoint's run directory. Returns ``fused``, ``vision`` and ``text`` [panels, D]
-    float32, ``page`` (index into the returned page ids) and ``has_text``, in the layout of the
-    per-epoch embedding files, plus the page ids.
+    settings (page types, panel cap) apply. ``split`` is "all", or "train" or "val" for that side of the
+    split the trainer makes with the checkpoint's ``data.val_fraction`` and ``data.seed``. Frozen-backbone
+    features come from the configured cache, or from the ``cache`` folder of the checkpoint's run
+    directory. Returns ``fused``, ``vision`` and ``text`` [panels, D] float32, ``page`` (index into the
+    returned page ids) and ``has_text``, in the layout of the per-epoch embedding files, plus the page ids.
     """
+    if split not in EMBED_SPLITS:
+        raise TrainerError(f"unknown split {split!r} (expected one of {', '.join(EMBED_SPLITS)})")
     checkpoint = load_checkpoint(checkpoint_path)
     config = config_from_dict(checkpoint["config"], source=str(checkpoint_path))
     if manifest is not None:
@@ -241,6 +252,11 @@ def embed_dataset(
     torch_device = select_device(device)
 
     dataset = load_dataset(config.data)
+    if split == "all":
+        chosen = list(range(len(dataset.pages)))
+    else:
+        train_pages, val_pages = split_pages(dataset, config.data.val_fraction, config.data.seed)
+        chosen = val_pages if split == "val" else train_pages
     model, _ = build_model(config, torch_device)
     model.load_checkpoint_state_dict(checkpoint["model_state_dict"])
     model.eval()
@@ -251,17 +267,19 @@ def embed_dataset(
     inputs = PanelInputs(dataset, model.vision_backbone, model.text_backbone, cache_dir, torch_device)
 
     collected: dict[str, list[torch.Tensor]] = {"fused": [], "vision": [], "text": [], "page": [], "has_text": []}
+    # ``page`` indexes the returned page ids, that is the position of the page in ``chosen``.
+    position = {page_index: rank for rank, page_index in enumerate(chosen)}
     with torch.no_grad():
-        for page_indices in iterate_batches(range(len(dataset.pages)), batch_size):
+        for page_indices in iterate_batches(chosen, batch_size):
             batch = inputs.batch(page_indices).to(torch_device)
             with _autocast(torch_device):
                 embeddings = model(batch)
             collected["fused"].append(embeddings.fused.float().cpu())
             collected["vision"].append(embeddings.vision.float().cpu())
             collected["text"].append(embeddings.text.float().cpu())
-            collected["page"].append(batch.dataset_page.cpu())
+            collected["page"].append(torch.tensor([position[int(index)] for index in batch.dataset_page]))
             collected["has_text"].append(batch.has_text.cpu())
-    page_ids = [page.page_id for page in dataset.pages]
+    page_ids = [dataset.pages[index].page_id for index in chosen]
     return {name: torch.cat(tensors) for name, tensors in collected.items()}, page_ids
 
 
