@@ -87,6 +87,8 @@ class Rule:
 def load_rules(path: str | Path) -> list[Rule]:
     """Read and validate a rules TOML file; raise :class:`InputError` naming the file and the rule."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a rules TOML file")
     if not path.is_file():
         raise InputError(f"{path}: no such rules file")
     try:
@@ -321,13 +323,17 @@ class DocumentSet:
     unavailable: dict[str, str] = field(default_factory=dict)
 
 
+def _schema_text(schema) -> str:
+    return "no 'schema' key" if schema is None else f"'schema' is {schema!r}"
+
+
 def read_document(path: Path) -> tuple[str, dict]:
     """Read a JSON result of ``diagnose collapse/retrieval/sparsity``; return its kind and the document."""
     document = _read_json(path)
     schema = document.get("schema") if isinstance(document, dict) else None
     if schema not in DOCUMENT_SCHEMAS:
         known = ", ".join(DOCUMENT_SCHEMAS)
-        raise InputError(f"{path}: 'schema' is {schema!r}; expected one of {known}")
+        raise InputError(f"{path}: {_schema_text(schema)}; expected one of {known}")
     return DOCUMENT_SCHEMAS[schema], document
 
 
@@ -489,13 +495,15 @@ def _baseline_metrics(rules: list[Rule], documents: dict[str, dict]) -> dict:
 def load_baseline(path: str | Path) -> dict:
     """Read a ``baseline/1`` file and return its documents by kind."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a baseline JSON file")
     if not path.is_file():
         raise InputError(f"{path}: no such baseline file")
     baseline = _read_json(path)
     if not isinstance(baseline, dict) or baseline.get("schema") != BASELINE_SCHEMA:
         schema = baseline.get("schema") if isinstance(baseline, dict) else None
         raise InputError(
-            f"{path}: 'schema' is {schema!r}, not {BASELINE_SCHEMA!r}; record one with `diagnose baseline`"
+            f"{path}: {_schema_text(schema)}, not {BASELINE_SCHEMA!r}; record one with `diagnose baseline`"
         )
     documents = baseline.get("documents")
     if not isinstance(documents, dict):

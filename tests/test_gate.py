@@ -389,6 +389,8 @@ def test_missing_rules_file(tmp_path):
     document_path = write_json_file(tmp_path / "collapse.json", collapse_document())
 
     assert_input_error(invoke("gate", document_path, "--thresholds", tmp_path / "none.toml"), "no such rules file")
+    (tmp_path / "rules").mkdir()
+    assert_input_error(invoke("gate", document_path, "--thresholds", tmp_path / "rules"), "is a directory, not a rules")
 
 
 @pytest.mark.parametrize(
@@ -396,7 +398,7 @@ def test_missing_rules_file(tmp_path):
     [
         ("{not json", "not a readable JSON file"),
         ('{"schema": "gate/1", "passed": true}', "'schema' is 'gate/1'; expected one of collapse/1"),
-        ("[1, 2]", "'schema' is None"),
+        ("[1, 2]", "no 'schema' key; expected one of"),
     ],
 )
 def test_invalid_json_input_exit_2(tmp_path, content, fragment):

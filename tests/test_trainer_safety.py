@@ -233,3 +233,17 @@ def test_save_torch_writes_loadable_file(tmp_path):
     path = tmp_path / "payload.pt"
     save_torch({"weights": torch.arange(5.0)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(5.0))
+
+
+def test_stale_temporaries_include_safetensors_own(tmp_path):
+    directory = RunDirectory(tmp_path / "run")
+    directory.prepare(overwrite=False)
+    ours = directory.checkpoints_dir / ".epoch_0002.pt.tmp-4242"
+    theirs = directory.embeddings_dir / ".tmpAb12Cd"
+    kept = directory.embeddings_dir / "epoch_0001.safetensors"
+    for path in (ours, theirs, kept):
+        path.write_bytes(b"partial")
+
+    removed = directory.remove_stale_temporaries()
+    assert sorted(removed) == sorted([ours, theirs])
+    assert kept.exists()

@@ -251,7 +251,11 @@ class RunDirectory:
         for folder in (self.path, self.embeddings_dir, self.checkpoints_dir):
             if not folder.is_dir():
                 continue
-            for stale in folder.glob(".*.tmp-*"):
+            stale_files = list(folder.glob(".*.tmp-*"))
+            if folder == self.embeddings_dir:
+                # safetensors writes its own temporary file, named .tmpXXXXXX, before renaming it.
+                stale_files.extend(folder.glob(".tmp*"))
+            for stale in stale_files:
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
                     removed.append(stale)
