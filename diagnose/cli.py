@@ -30,13 +30,15 @@ def _stderr_console():
 
 
 def _stdout_console(*targets: str | Path | None):
-    """Tables go to stdout, unless one of the output ``targets`` is ``-`` (stdout).
+    """Tables go to stdout, unless one of the output ``targets`` is standard output (``-`` or ``/dev/stdout``).
 
     A pipe or a CI log gets 160 columns rather than rich's default of 80, so that figures are not cut.
     """
     from rich.console import Console
 
-    to_stderr = any(target is not None and str(target) == "-" for target in targets)
+    from diagnose.outputs import is_stdout
+
+    to_stderr = any(is_stdout(target) for target in targets)
     console = Console(stderr=to_stderr)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(stderr=to_stderr, width=160)
@@ -98,12 +100,13 @@ def check_outputs(outputs: dict, inputs: list) -> None:
     """Reject, before any work, output paths that would replace an input or cannot be written.
 
     An output may not be an input file, the page-id sidecar of an input file, anything inside an input
-    Zarr store, or an artifact of an input run directory (run.json, metrics.jsonl, embeddings/,
-    checkpoints/, cache/). Its folder must exist and accept a new file, and no two options may name the same
-    output. ``-`` (stdout) and unset outputs are not checked further.
+    Zarr store, or an artifact (run.json, metrics.jsonl, embeddings/, checkpoints/, cache/) of an input
+    run directory, of the run an input file belongs to, or of any run directory at all. Its folder must
+    exist and accept a new file, and no two options may name the same output. Standard output and unset
+    outputs are not checked further, and an empty name is rejected.
     """
     from diagnose.io import InputError
-    from diagnose.outputs import check_distinct_outputs, check_output_path
+    from diagnose.outputs import check_distinct_outputs, check_output_path, is_stdout
 
     check_distinct_outputs(outputs)
 
@@ -122,17 +125,36 @@ def check_outputs(outputs: dict, inputs: list) -> None:
             protected_files.add(path)
             if path.suffix == ".safetensors":
                 protected_files.add(path.with_name(path.name[: -len(".safetensors")] + ".pages.json"))
-            if path.parent.name == "checkpoints":
+            # A checkpoint reads its epoch file from the folder above its own, wherever it lies, and an
+            # epoch file or metrics.jsonl belongs to the run around it.
+            if path.suffix == ".pt" or path.parent.name in RUN_ARTIFACTS:
                 protected_trees.extend(path.parent.parent / name for name in RUN_ARTIFACTS)
+            if path.name in RUN_ARTIFACTS:
+                protected_trees.extend(path.parent / name for name in RUN_ARTIFACTS)
 
     for option, target in outputs.items():
-        if target is None or str(target) in ("", "-"):
+        if target is None:
             continue
+        if str(target) == "":
+            raise InputError(f"{option}: empty file name; give a path, or - for standard output")
         destination = Path(target)
         check_output_path(destination, option)
+        if is_stdout(target):
+            continue
         resolved = destination.resolve()
         if resolved in protected_files or any(resolved == tree or tree in resolved.parents for tree in protected_trees):
             raise InputError(f"{option} {destination}: would overwrite an input; choose another output path")
+        if _is_run_artifact(resolved):
+            raise InputError(f"{option} {destination}: would overwrite a run artifact; choose another output path")
+
+
+def _is_run_artifact(path: Path) -> bool:
+    """Return whether ``path`` is, or lies inside, an artifact of a run directory (a folder with run.json)."""
+    for folder in path.parents:
+        if (folder / "run.json").is_file():
+            relative = path.relative_to(folder)
+            return relative.parts[0] in RUN_ARTIFACTS
+    return False
 
 
 def json_text(document: dict) -> str:
@@ -492,10 +514,11 @@ def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markd
     that file.
     """
     check_outputs({"--json": json_target, "--junit": junit_path, "--markdown": markdown_path,
-                   "GITHUB_STEP_SUMMARY": os.environ.get("GITHUB_STEP_SUMMARY")},
+                   "GITHUB_STEP_SUMMARY": os.environ.get("GITHUB_STEP_SUMMARY") or None},
                   [*paths, rules_path, baseline_path])
     from diagnose.gate import load_baseline, load_rules, run_gate
     from diagnose.gate_reports import append_step_summary, gate_junit, gate_markdown
+    from diagnose.io import InputError
     from diagnose.outputs import OutputFiles
     from diagnose.render import render_gate
 
@@ -513,8 +536,13 @@ def gate(paths, rules_path, baseline_path, epoch, json_target, junit_path, markd
     if junit_path is not None:
         outputs.add(gate_junit(document), junit_path, "--junit")
     outputs.add(markdown, markdown_path, "--markdown")
+    try:
+        append_step_summary(markdown)
+    except OSError as error:
+        raise InputError(
+            f"GITHUB_STEP_SUMMARY {os.environ.get('GITHUB_STEP_SUMMARY')}: write failed ({error.strerror or error})"
+        ) from None
     outputs.write()
-    append_step_summary(markdown)
     if not document["passed"]:
         sys.exit(EXIT_FAILED_CHECK)
 

@@ -7,11 +7,13 @@ while writing leaves none of the new files behind.
 
 Other targets are written through, not replaced:
 
-- ``-`` is standard output.
+- ``-`` is standard output, and so is any path that names the file standard output is open on
+  (``/dev/stdout``, or the file a shell redirects it to). It is written at the stream's position, so
+  ``>>`` appends and earlier output is kept.
 - A symbolic link keeps pointing where it did; the file it points to is replaced.
-- A named pipe, a character device (``/dev/stdout``, ``/dev/null``) or a process-substitution path
-  such as ``/dev/fd/63`` is opened and written in place, because renaming over it would swap the
-  device or pipe for a regular file.
+- A named pipe, a character device (``/dev/null``) or a process-substitution path such as
+  ``/dev/fd/63`` is opened and written in place, because renaming over it would swap the device or
+  pipe for a regular file.
 """
 
 from __future__ import annotations
@@ -26,10 +28,22 @@ from pathlib import Path
 from diagnose.io import InputError
 
 STDOUT = "-"
+# Characters of a file name kept in its temporary name, so that a name near the 255-byte limit still fits.
+TEMPORARY_NAME_CHARS = 64
 
 
 def is_stdout(target: str | Path | None) -> bool:
-    return target is not None and str(target) == STDOUT
+    """Return whether ``target`` is ``-`` or names the file that standard output is open on."""
+    if target is None or str(target) == "":
+        return False
+    if str(target) == STDOUT:
+        return True
+    try:
+        descriptor = sys.stdout.fileno()
+        named, opened = os.stat(target), os.fstat(descriptor)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _is_special_file(path: Path) -> bool:
@@ -41,9 +55,17 @@ def _is_special_file(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def _is_streamed(target: str | Path) -> bool:
+    return is_stdout(target) or _is_special_file(Path(target))
+
+
 def _replaced_path(path: Path) -> Path:
     """Return the regular file a write to ``path`` replaces: the final target of a symbolic link, or ``path``."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _temporary_prefix(destination: Path) -> str:
+    return f".{destination.name[:TEMPORARY_NAME_CHARS]}."
 
 
 def check_output_path(destination: Path, option: str) -> None:
@@ -52,7 +74,7 @@ def check_output_path(destination: Path, option: str) -> None:
     Standard output and special files (pipes, devices) pass unopened, because opening a pipe blocks
     until a reader appears.
     """
-    if is_stdout(destination) or _is_special_file(destination):
+    if _is_streamed(destination):
         return
     if destination.is_dir():
         raise InputError(f"{option} {destination}: is a directory")
@@ -64,7 +86,7 @@ def check_output_path(destination: Path, option: str) -> None:
         raise InputError(f"{option} {destination}: folder {folder} does not exist")
     # Permission bits do not tell whether root may write (an immutable folder), so create a file.
     try:
-        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=f".{replaced.name}.", suffix=".tmp")
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=_temporary_prefix(replaced), suffix=".tmp")
     except OSError as error:
         raise InputError(f"{option} {destination}: failed to create a file in {folder} ({error.strerror})") from None
     os.close(descriptor)
@@ -103,16 +125,22 @@ class OutputFiles:
         self._outputs.append(_Output(text, str(target), option))
 
     def write(self) -> None:
-        """Write every collected output: regular files first (all temporaries, then the renames), then the rest."""
-        regular = [output for output in self._outputs
-                   if not is_stdout(output.target) and not _is_special_file(Path(output.target))]
-        streamed = [output for output in self._outputs if output not in regular]
+        """Write every collected output.
+
+        Regular files are written to temporaries first, then the streams (stdout, pipes, devices), and the
+        temporaries are renamed into place last. So a failed write leaves no new file, though a stream
+        written before the failure keeps what it received.
+        """
+        streamed = [output for output in self._outputs if _is_streamed(output.target)]
+        regular = [output for output in self._outputs if output not in streamed]
 
         staged: list[tuple[Path, Path, _Output]] = []
         try:
             for output in regular:
                 destination = _replaced_path(Path(output.target))
                 staged.append((_write_temporary(output, destination), destination, output))
+            for output in streamed:
+                _write_through(output)
             for temporary, destination, output in staged:
                 try:
                     os.replace(temporary, destination)
@@ -121,9 +149,6 @@ class OutputFiles:
         finally:
             for temporary, _, _ in staged:
                 temporary.unlink(missing_ok=True)
-
-        for output in streamed:
-            _write_through(output)
         self._outputs.clear()
 
 
@@ -133,7 +158,9 @@ def _write_failed(output: _Output, error: OSError) -> InputError:
 
 def _write_temporary(output: _Output, destination: Path) -> Path:
     try:
-        descriptor, name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+        descriptor, name = tempfile.mkstemp(
+            dir=destination.parent, prefix=_temporary_prefix(destination), suffix=".tmp"
+        )
     except OSError as error:
         raise _write_failed(output, error) from None
     temporary = Path(name)
@@ -151,11 +178,11 @@ def _write_temporary(output: _Output, destination: Path) -> Path:
 
 
 def _write_through(output: _Output) -> None:
-    if is_stdout(output.target):
-        sys.stdout.write(output.text)
-        sys.stdout.flush()
-        return
     try:
+        if is_stdout(output.target):
+            sys.stdout.write(output.text)
+            sys.stdout.flush()
+            return
         with open(output.target, "w", encoding="utf-8") as handle:
             handle.write(output.text)
     except OSError as error:

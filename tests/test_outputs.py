@@ -168,3 +168,88 @@ def test_symbolic_link_loop_exits_2(tmp_path):
     assert result.exit_code == 2
     assert "loop1" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_broken_pipe_leaves_no_regular_output(tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+
+    def close_without_reading():
+        with open(pipe, "rb"):
+            pass
+
+    reader = threading.Thread(target=close_without_reading)
+    reader.start()
+    outputs = OutputFiles()
+    outputs.add("kept back", tmp_path / "report.json", "--json")
+    # More than a pipe buffer holds, so the write is still blocked when the reader closes.
+    outputs.add("x" * 4_000_000, pipe, "-o")
+    with pytest.raises(InputError, match="-o .*write failed"):
+        outputs.write()
+    reader.join(timeout=30)
+    assert not (tmp_path / "report.json").exists()
+    assert leftover_temporaries(tmp_path) == []
+
+
+def test_name_near_length_limit_is_written(tmp_path):
+    target = tmp_path / ("a" * 250 + ".json")
+    write_text("{}", target, "--json")
+    assert target.read_text() == "{}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd/1").exists(), reason="needs /proc/self/fd")
+def test_link_to_stdout_appends_to_redirected_file(tmp_path):
+    import subprocess
+    import sys
+
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    captured = tmp_path / "captured.txt"
+    captured.write_text("earlier line\n")
+    with open(captured, "a") as stdout:
+        completed = subprocess.run(
+            [sys.executable, "-m", "diagnose", "collapse", str(HEALTHY), "--json", str(link)],
+            stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300,
+        )
+    assert completed.returncode == 0, completed.stderr
+    text = captured.read_text()
+    assert text.startswith("earlier line\n{")
+    assert '"schema": "collapse/1"' in text
+    assert link.is_symlink()
+
+
+def test_empty_output_name_exits_2():
+    result = run_cli("collapse", str(HEALTHY), "--json", "")
+    assert result.exit_code == 2
+    assert "--json: empty file name" in result.stderr
+
+
+def make_run_directory(root: Path) -> Path:
+    (root / "embeddings").mkdir(parents=True)
+    (root / "run.json").write_text("{}")
+    for epoch in (1, 2):
+        (root / "embeddings" / f"epoch_{epoch:04d}.safetensors").write_bytes(HEALTHY.read_bytes())
+    return root
+
+
+def test_output_over_sibling_epoch_file_exits_2(tmp_path):
+    run = make_run_directory(tmp_path / "run")
+    sibling = run / "embeddings" / "epoch_0001.safetensors"
+    before = sibling.read_bytes()
+    result = run_cli("collapse", str(run / "embeddings" / "epoch_0002.safetensors"), "--json", str(sibling))
+    assert result.exit_code == 2
+    assert "would overwrite an input" in result.stderr
+    assert sibling.read_bytes() == before
+
+
+def test_output_into_unrelated_run_exits_2(tmp_path):
+    run = make_run_directory(tmp_path / "run")
+    result = run_cli("collapse", str(HEALTHY), "--json", str(run / "run.json"))
+    assert result.exit_code == 2
+    assert "would overwrite a run artifact" in result.stderr
+    assert (run / "run.json").read_text() == "{}"
+
+    beside = tmp_path / "run" / "collapse.json"
+    assert run_cli("collapse", str(HEALTHY), "--json", str(beside)).exit_code == 0
+    assert beside.is_file()
