@@ -49,8 +49,35 @@ def test_code_in_pickle_never_runs(tmp_path):
 def test_random_bytes_are_not_a_torch_file(tmp_path):
     path = tmp_path / "noise.pt"
     path.write_bytes(bytes(range(7, 256)) * 4)
-    with pytest.raises(TorchFileError, match=r"^not a PyTorch file \(neither a zip archive nor a pickle\)$"):
+    with pytest.raises(TorchFileError, match=r"^not a PyTorch file \(neither a zip archive nor a pickle"):
         load_weights_only(path)
+
+
+def test_text_file_is_not_a_torch_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello world\n")
+    with pytest.raises(TorchFileError, match=r"^not a PyTorch file \(neither a zip archive nor a pickle"):
+        load_weights_only(path)
+
+
+def test_zip_without_torch_record_is_named(tmp_path):
+    import zipfile
+
+    path = tmp_path / "archive.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    with pytest.raises(TorchFileError, match="a zip archive without a PyTorch data.pkl record"):
+        load_weights_only(path)
+
+
+def test_truncated_archive_is_torch_file_error(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weights": torch.randn(64, 1024)}, path)
+    data = path.read_bytes()
+    for size in (len(data) // 8, len(data) // 2, len(data) - 100):
+        path.write_bytes(data[:size])
+        with pytest.raises(TorchFileError, match="^not a readable PyTorch file"):
+            load_weights_only(path)
 
 
 def test_protocol_4_pickle_is_rejected_without_warning(tmp_path):

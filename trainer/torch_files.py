@@ -14,6 +14,8 @@ from typing import Any
 
 # The first byte of a pickle of protocol 2 or later (the PROTO opcode).
 PICKLE_PROTO_OPCODE = 0x80
+# The first bytes of a zip archive's first local file header.
+ZIP_MAGIC = b"PK\x03\x04"
 # Fragments of the lines of torch's UnpicklingError message that give advice rather than the reason.
 # torch 2.13 words the message differently for a blocked module, an unknown class and a bad opcode.
 ADVICE_MARKERS = (
@@ -21,6 +23,7 @@ ADVICE_MARKERS = (
     "Alternatively, to load",
 )
 REASON_MARKER = "WeightsUnpickler error:"
+NOT_TORCH_FILE = "not a PyTorch file (neither a zip archive nor a pickle of protocol 2 or later)"
 
 
 class TorchFileError(ValueError):
@@ -30,7 +33,9 @@ class TorchFileError(ValueError):
 def load_weights_only(path: str | Path) -> Any:
     """Load ``path`` on the CPU with ``weights_only=True``; raise :class:`TorchFileError` for a file it rejects.
 
-    FileNotFoundError and other OSErrors of opening the file pass through.
+    An OSError that names a file (not found, permission denied) passes through. torch also raises
+    OSError(22, "Invalid argument") without a file name for some truncated zip archives, which
+    becomes a TorchFileError.
     """
     import torch
 
@@ -40,17 +45,23 @@ def load_weights_only(path: str | Path) -> Any:
         warnings.simplefilter("ignore")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
+        except OSError as error:
+            if error.filename is not None:
+                raise
+            raise TorchFileError(f"not a readable PyTorch file (truncated or damaged: {error.strerror or error})") from None
         except pickle.UnpicklingError as error:
             raise TorchFileError(_rejection_reason(path, error)) from None
         except Exception as error:  # torch raises RuntimeError, EOFError and zip errors for damaged files
+            if not _looks_like_torch_file(path):
+                raise TorchFileError(NOT_TORCH_FILE) from None
+            if zipfile.is_zipfile(path) and str(error).startswith("[enforce fail"):
+                raise TorchFileError("not a PyTorch file (a zip archive without a PyTorch data.pkl record)") from None
             raise TorchFileError(f"not a readable PyTorch file ({_first_line(error)})") from None
 
 
 def _rejection_reason(path: Path, error: pickle.UnpicklingError) -> str:
     if not _looks_like_torch_file(path):
-        return "not a PyTorch file (neither a zip archive nor a pickle)"
+        return NOT_TORCH_FILE
     detail = _specific_line(str(error))
     return (
         f"contains objects that weights_only loading rejects ({detail}); only tensors and plain "
@@ -59,12 +70,13 @@ def _rejection_reason(path: Path, error: pickle.UnpicklingError) -> str:
 
 
 def _looks_like_torch_file(path: Path) -> bool:
+    """Return whether ``path`` starts like a zip archive (even a truncated one) or a protocol 2+ pickle."""
     try:
         with open(path, "rb") as handle:
-            first = handle.read(1)
+            start = handle.read(len(ZIP_MAGIC))
     except OSError:
         return False
-    return zipfile.is_zipfile(path) or first == bytes([PICKLE_PROTO_OPCODE])
+    return start == ZIP_MAGIC or start[:1] == bytes([PICKLE_PROTO_OPCODE])
 
 
 def _specific_line(message: str) -> str:
