@@ -163,6 +163,31 @@ def test_manifest_row_with_extra_field_is_skipped(tmp_path):
     assert second == "padded: manifest line 4 has 2 fields more than the 3 header columns"
 
 
+HUGE_INTEGER = "1" + "0" * 400
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [
+        # Integers too large for a float, as a page size and inside a bbox.
+        f'{{"image_width": {HUGE_INTEGER}, "image_height": 128, "panels": [{{"bbox": [0, 0, 10, 10]}}]}}',
+        f'{{"image_width": 96, "image_height": 128, "panels": [{{"bbox": [0, 0, {HUGE_INTEGER}, 10]}}]}}',
+        # A page of under one pixel, whose area underflows to zero.
+        '{"image_width": 2e-200, "image_height": 3e-200, "panels": [{"bbox": [0, 0, 2e-200, 3e-200]}]}',
+        '{"image_width": 0.5, "image_height": 128, "panels": [{"bbox": [0, 0, 0.5, 128]}]}',
+    ],
+    ids=["huge_width", "huge_bbox", "tiny_page", "half_pixel_width"],
+)
+@pytest.mark.parametrize("load_images", [True, False])
+def test_unusable_annotation_numbers_are_skipped(tmp_path, annotation, load_images):
+    manifest = write_dataset(tmp_path, [grid_page("good", 2), PageSpec("odd", [], raw_annotation=annotation)])
+    dataset = load_dataset(DataConfig(manifest=str(manifest)), load_images=load_images)
+
+    assert [page.page_id for page in dataset.pages] == ["good"]
+    assert dataset.skipped["invalid_annotation"] == 1
+    assert dataset.skipped_examples["invalid_annotation"][0].startswith("odd: ")
+
+
 def test_nothing_usable_names_the_manifest(tmp_path):
     manifest = write_dataset(tmp_path, [PageSpec("x", [([0, 0, 0, 5], "zero")]), grid_page("y", 2, page_type="ad")])
     with pytest.raises(DataError) as raised:

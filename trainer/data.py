@@ -354,9 +354,10 @@ def _parse_annotation(annotation: object, json_path: Path) -> tuple[float, float
         raise _SkipRecord("invalid_annotation", f"{json_path}: expected a JSON object")
     width = annotation.get("image_width")
     height = annotation.get("image_height")
-    if not _is_number(width) or not _is_number(height) or width <= 0 or height <= 0:
+    # A page under one pixel cannot be cropped, and its area can underflow to zero in the layout features.
+    if not _is_number(width) or not _is_number(height) or width < 1 or height < 1:
         raise _SkipRecord(
-            "invalid_annotation", f"{json_path}: image_width and image_height must be positive numbers"
+            "invalid_annotation", f"{json_path}: image_width and image_height must be numbers of at least 1 pixel"
         )
     panel_specs = annotation.get("panels")
     if not isinstance(panel_specs, list) or not all(isinstance(spec, dict) for spec in panel_specs):
@@ -406,7 +407,14 @@ def _check_page_size(
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """Return whether ``value`` is an int or float that converts to a finite float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # JSON integers have no size limit, and float() raises OverflowError beyond about 1.8e308.
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _make_panel(
