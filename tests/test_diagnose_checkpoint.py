@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from diagnose.cli import main
@@ -88,3 +89,20 @@ def test_missing_data_manifest(tmp_path, run_dir):
     result = CliRunner().invoke(main, ["collapse", str(lonely), "--data", str(tmp_path / "none.csv")])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.csv'}: dataset manifest not found"]
+
+
+def test_reembed_rejects_wrong_weight_shape(tmp_path, run_dir):
+    lonely = tmp_path / "alone" / "last.pt"
+    lonely.parent.mkdir()
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    state = checkpoint["model_state_dict"]
+    name = next(key for key, tensor in state.items() if tensor.ndim == 2)
+    state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+    torch.save(checkpoint, lonely)
+
+    result = CliRunner().invoke(main, ["collapse", str(lonely), "--data", str(FIXTURE_MANIFEST)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: {lonely}: model_state_dict does not match the model of its config (")
+    assert "size mismatch" in lines[0]

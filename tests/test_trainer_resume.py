@@ -16,6 +16,7 @@ import torch
 
 from trainer.artifacts import CRASH_IN_CHECKPOINT_VARIABLE, RunDirectory, load_checkpoint
 from trainer.cli import main
+from trainer.config import TrainerError
 from trainer_dataset import simple_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +180,112 @@ def test_resume_candidates_newest_first(tmp_path):
     for name in ("epoch_0002.pt", "epoch_0010.pt", "epoch_0009.pt", "best.pt", "last.pt", ".epoch_0011.pt.tmp-7"):
         (directory.checkpoints_dir / name).write_bytes(b"")
     names = [path.name for path in directory.resume_candidates()]
-    assert names == ["last.pt", "epoch_0010.pt", "epoch_0009.pt", "epoch_0002.pt"]
+    assert names == ["last.pt", "epoch_0010.pt", "epoch_0009.pt", "epoch_0002.pt", "best.pt"]
+
+
+def test_resume_from_best_when_only_it_remains(references, tmp_path, capfd):
+    _, runs = references
+    run_dir = copy_run(runs["random"], tmp_path / "run")
+    checkpoints = run_dir / "checkpoints"
+    for path in [checkpoints / "last.pt", *checkpoints.glob("epoch_*.pt")]:
+        path.unlink()
+    best_epoch = load_checkpoint(checkpoints / "best.pt")["epoch"]
+    capfd.readouterr()
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    assert f"resuming from {checkpoints / 'best.pt'} (epoch {best_epoch})" in capfd.readouterr().err
+    assert json.loads((run_dir / "run.json").read_text())["resumed_from_epoch"] == [best_epoch]
+    assert load_checkpoint(checkpoints / "last.pt")["epoch"] == EPOCHS
+
+
+def test_finished_resume_replaces_damaged_last(references, tmp_path, capfd):
+    _, runs = references
+    run_dir = copy_run(runs["random"], tmp_path / "run")
+    checkpoints = run_dir / "checkpoints"
+    truncate(checkpoints / "last.pt")
+    final = checkpoints / f"epoch_{EPOCHS:04d}.pt"
+    capfd.readouterr()
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    assert f"resuming from {final} (epoch {EPOCHS})" in capfd.readouterr().err
+    assert (checkpoints / "last.pt").read_bytes() == final.read_bytes()
+    assert load_checkpoint(checkpoints / "last.pt")["epoch"] == EPOCHS
+    assert read_metrics(run_dir) == read_metrics(runs["random"])
+
+
+def rewrite_checkpoint(path: Path, change) -> None:
+    """Load a checkpoint, apply ``change`` to its dict and save it again, still loadable with weights_only."""
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+
+
+def wrong_shape(checkpoint: dict) -> None:
+    state = checkpoint["model_state_dict"]
+    name = next(key for key, tensor in state.items() if tensor.ndim == 2)
+    state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+
+
+BAD_CONTENTS = {
+    "no_model_state": (lambda checkpoint: checkpoint.pop("model_state_dict"), "missing key 'model_state_dict'"),
+    "no_config": (lambda checkpoint: checkpoint.pop("config"), "missing key 'config'"),
+    "epoch_text": (lambda checkpoint: checkpoint.update(epoch="two"), "'epoch' is str 'two', expected an integer"),
+    "epoch_bool": (lambda checkpoint: checkpoint.update(epoch=True), "'epoch' is bool True, expected an integer"),
+    "epoch_zero": (lambda checkpoint: checkpoint.update(epoch=0), "'epoch' is 0, expected 1 or more"),
+    "optimizer_list": (
+        lambda checkpoint: checkpoint.update(optimizer_state_dict=[]), "'optimizer_state_dict' is list"
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BAD_CONTENTS))
+def test_load_checkpoint_rejects_bad_contents(references, tmp_path, damage):
+    _, runs = references
+    change, fragment = BAD_CONTENTS[damage]
+    path = tmp_path / "last.pt"
+    shutil.copy(runs["random"] / "checkpoints" / "last.pt", path)
+    rewrite_checkpoint(path, change)
+    with pytest.raises(TrainerError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: invalid checkpoint: ")
+    assert fragment in message
+
+
+@pytest.mark.parametrize("damage", ["no_model_state", "no_config", "epoch_text"])
+def test_resume_skips_checkpoint_with_bad_contents(references, tmp_path, capfd, damage):
+    _, runs = references
+    run_dir = copy_run(runs["random"], tmp_path / "run")
+    checkpoints = run_dir / "checkpoints"
+    rewrite_checkpoint(checkpoints / "last.pt", BAD_CONTENTS[damage][0])
+    capfd.readouterr()
+
+    assert run_cli(["resume", str(run_dir)]) == 0
+    err = capfd.readouterr().err
+    assert f"{checkpoints / 'last.pt'}: invalid checkpoint" in err
+    assert f"resuming from {checkpoints / f'epoch_{EPOCHS:04d}.pt'} (epoch {EPOCHS})" in err
+    assert load_checkpoint(checkpoints / "last.pt")["epoch"] == EPOCHS
+
+
+def test_resume_rejects_wrong_weight_shape(references, tmp_path, capfd):
+    _, runs = references
+    run_dir = copy_run(runs["random"], tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.pt"
+    rewrite_checkpoint(last, wrong_shape)
+    before = last.read_bytes()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    capfd.readouterr()
+
+    assert run_cli(["resume", str(run_dir)]) == 2
+    err = capfd.readouterr().err
+    # The progress line "resuming from ..." comes first, then the error.
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == f"resuming from {last} (epoch {EPOCHS})"
+    assert len(lines) == 2
+    assert f"{last}: model_state_dict does not match the model of its config (size mismatch: " in lines[1]
+    assert last.read_bytes() == before
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
 def test_resume_without_last_uses_newest_epoch(references, tmp_path, capfd):
@@ -222,7 +328,7 @@ def test_resume_fails_when_no_checkpoint_loads(references, tmp_path, capfd):
     run_dir = copy_run(runs["random"], tmp_path / "run")
     checkpoints = run_dir / "checkpoints"
     (checkpoints / "last.pt").unlink()
-    for path in checkpoints.glob("epoch_*.pt"):
+    for path in [*checkpoints.glob("epoch_*.pt"), checkpoints / "best.pt"]:
         truncate(path)
     metrics = (run_dir / "metrics.jsonl").read_text()
     capfd.readouterr()
@@ -230,8 +336,9 @@ def test_resume_fails_when_no_checkpoint_loads(references, tmp_path, capfd):
     assert run_cli(["resume", str(run_dir)]) == 2
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1
-    assert "every checkpoint failed to load" in lines[0]
+    assert "every checkpoint (last.pt, epoch_NNNN.pt, best.pt) failed to load" in lines[0]
     assert "epoch_0001.pt: cannot load checkpoint" in lines[0]
+    assert "best.pt: cannot load checkpoint" in lines[0]
     # The failed resume keeps the run's records.
     assert (run_dir / "metrics.jsonl").read_text() == metrics
 

@@ -323,8 +323,9 @@ class RunDirectory:
     def resume_candidates(self) -> list[Path]:
         """Return the checkpoint files that a resume may start from, newest first.
 
-        ``last.pt`` comes first, then the ``epoch_NNNN.pt`` files by descending epoch. Only existing
-        files are listed, and none of them is opened.
+        ``last.pt`` comes first, then the ``epoch_NNNN.pt`` files by descending epoch, then ``best.pt``,
+        which may be older than every epoch file but is all that is left when they are deleted. Only
+        existing files are listed, and none of them is opened.
         """
         candidates = []
         last = self.checkpoints_dir / "last.pt"
@@ -337,7 +338,18 @@ class RunDirectory:
                 if match and path.is_file():
                     epochs.append((int(match.group(1)), path))
         candidates.extend(path for _, path in sorted(epochs, reverse=True))
+        best = self.checkpoints_dir / "best.pt"
+        if best.is_file():
+            candidates.append(best)
         return candidates
+
+    def point_last_at(self, source: Path) -> None:
+        """Replace ``last.pt`` with ``source``'s content, so a damaged ``last.pt`` is not kept."""
+        if not self.writer:
+            return
+        last = self.checkpoints_dir / "last.pt"
+        with _write_errors(last, self.path):
+            _link_or_copy(source, last)
 
     def _delete_epoch_checkpoints_before(self, first_kept: int) -> None:
         for path in self.checkpoints_dir.glob("epoch_*.pt"):
@@ -482,4 +494,81 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise TrainerError(f"{path}: not a collapse-toolkit checkpoint (no format={CHECKPOINT_FORMAT!r} key)")
     if checkpoint.get("version") != FORMAT_VERSION:
         raise TrainerError(f"{path}: checkpoint version {checkpoint.get('version')!r} is not supported")
+    problem = _checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise TrainerError(f"{path}: invalid checkpoint: {problem}")
     return checkpoint
+
+
+# The keys that trainer.loop.save_checkpoint writes and a resume reads, with their expected types.
+# An int field excludes bool, and a number field accepts int or float.
+REQUIRED_CHECKPOINT_KEYS: dict[str, str] = {
+    "config": "dict",
+    "epoch": "int",
+    "step": "int",
+    "model_state_dict": "state_dict",
+    "objectives_state_dict": "state_dict",
+    "optimizer_state_dict": "dict",
+    "scheduler_state_dict": "dict",
+    "rng_state": "dict",
+    "best_val_loss": "number",
+}
+OPTIONAL_CHECKPOINT_KEYS: dict[str, str] = {
+    "sampler_state_dict": "dict",
+    "rank_rng_states": "list",
+    "skipped_steps": "int",
+    "bad_steps_in_a_row": "int",
+}
+
+
+def _checkpoint_problem(checkpoint: dict[str, Any]) -> str | None:
+    """Describe the first missing or wrongly typed checkpoint key, or return None when all are valid."""
+    for key, kind in REQUIRED_CHECKPOINT_KEYS.items():
+        if key not in checkpoint:
+            return f"missing key {key!r}"
+        problem = _value_problem(key, checkpoint[key], kind)
+        if problem is not None:
+            return problem
+    for key, kind in OPTIONAL_CHECKPOINT_KEYS.items():
+        if key in checkpoint:
+            problem = _value_problem(key, checkpoint[key], kind)
+            if problem is not None:
+                return problem
+    if checkpoint["epoch"] < 1:
+        return f"'epoch' is {checkpoint['epoch']}, expected 1 or more"
+    if checkpoint["step"] < 0:
+        return f"'step' is {checkpoint['step']}, expected 0 or more"
+    return None
+
+
+def _value_problem(key: str, value: Any, kind: str) -> str | None:
+    if kind == "int":
+        valid = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer"
+    elif kind == "number":
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = "a number"
+    elif kind == "list":
+        valid = isinstance(value, list)
+        expected = "a list"
+    elif kind == "state_dict":
+        valid = isinstance(value, dict) and all(
+            isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items()
+        )
+        expected = "a dict of tensors"
+    else:
+        valid = isinstance(value, dict)
+        expected = "a dict"
+    if valid:
+        return None
+    return f"{key!r} is {type(value).__name__} {_short_repr(value)}, expected {expected}"
+
+
+def _short_repr(value: Any) -> str:
+    # Containers may hold whole tensors, so they are described by size instead of printed.
+    if isinstance(value, torch.Tensor):
+        return f"of shape {list(value.shape)}"
+    if isinstance(value, (dict, list, tuple)):
+        return f"of length {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -137,11 +137,12 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
     """Continue a run from its newest checkpoint that loads, up to its configured number of epochs.
 
     ``checkpoints/last.pt`` is tried first, then the ``epoch_NNNN.pt`` files from the newest epoch
-    down. The optimiser, scheduler, sampler and every RNG state come from the checkpoint, and the
-    ``metrics.jsonl`` records written after it are dropped, so the finished run matches an
-    uninterrupted one. A run killed before its first checkpoint starts again from the config in
-    its ``run.json``. When checkpoint files exist but none of them loads, it raises TrainerError
-    and changes nothing.
+    down, then ``best.pt``. When the run starts from a file other than ``last.pt``, ``last.pt`` is
+    replaced with that file before training. The optimiser, scheduler, sampler and every RNG state
+    come from the checkpoint, and the ``metrics.jsonl`` records written after it are dropped, so the
+    finished run matches an uninterrupted one. A run killed before its first checkpoint starts again
+    from the config in its ``run.json``. When checkpoint files exist but none of them loads, it
+    raises TrainerError and changes nothing.
     """
     directory = RunDirectory(run_dir)
     source, checkpoint, load_errors = _newest_loadable_checkpoint(directory)
@@ -149,14 +150,14 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
         config = config_from_dict(checkpoint["config"], source=str(source))
     elif load_errors:
         raise TrainerError(
-            f"{directory.checkpoints_dir}: every checkpoint failed to load ({'; '.join(load_errors)}). "
-            "Delete these files to start the run again from epoch 1"
+            f"{directory.checkpoints_dir}: every checkpoint (last.pt, epoch_NNNN.pt, best.pt) failed to load "
+            f"({'; '.join(load_errors)}). Delete these files to start the run again from epoch 1"
         )
     elif directory.run_json_path.is_file():
         config = _config_from_run_info(directory)
     else:
         raise TrainerError(
-            f"{directory.checkpoints_dir}: checkpoint not found (no last.pt or epoch_NNNN.pt), and "
+            f"{directory.checkpoints_dir}: checkpoint not found (no last.pt, epoch_NNNN.pt or best.pt), and "
             f"{directory.run_json_path} is missing too, so there is no run to resume"
         )
 
@@ -176,13 +177,16 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
             console.print(
                 f"resuming from {source} (epoch {checkpoint['epoch']})", markup=False, highlight=False, soft_wrap=True
             )
-        run = setup(config, directory, console, checkpoint=checkpoint, dist=dist)
+        run = setup(config, directory, console, checkpoint=checkpoint, dist=dist, checkpoint_path=source)
         report_setup(run)
         if checkpoint is not None and checkpoint.get("dataset_fingerprint") != run.dataset.fingerprint:
             console.print(f"[yellow]warning:[/] {config.data.manifest}: dataset changed since the checkpoint was written")
 
         directory.prepare(overwrite=False)
         directory.remove_stale_temporaries()
+        if source is not None and source.name != "last.pt":
+            # last.pt is missing or failed to load, and a run that is already finished writes no new one.
+            directory.point_last_at(source)
         info = directory.read_run_info()
         info.setdefault("resumed_from_epoch", []).append(run.epoch)
         directory.write_run_info(info)
@@ -258,7 +262,7 @@ def embed_dataset(
         train_pages, val_pages = split_pages(dataset, config.data.val_fraction, config.data.seed)
         chosen = val_pages if split == "val" else train_pages
     model, _ = build_model(config, torch_device)
-    model.load_checkpoint_state_dict(checkpoint["model_state_dict"])
+    load_model_state(model, checkpoint, checkpoint_path)
     model.eval()
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else None
     run_dir = Path(checkpoint_path).resolve().parent.parent
@@ -293,8 +297,12 @@ def setup(
     console: Console,
     checkpoint: dict[str, Any] | None = None,
     dist: Distributed | None = None,
+    checkpoint_path: Path | None = None,
 ) -> Run:
-    """Seed, pick the device, load the data, build the model and optimiser; restore ``checkpoint`` if given."""
+    """Seed, pick the device, load the data, build the model and optimiser; restore ``checkpoint`` if given.
+
+    ``checkpoint_path`` names the checkpoint's file in error messages.
+    """
     dist = dist or Distributed()
     seed_everything(config.seed)
     device = dist.device if dist.enabled else select_device(config.device)
@@ -325,7 +333,7 @@ def setup(
         dist=dist,
     )
     if checkpoint is not None:
-        restore_checkpoint(run, checkpoint)
+        restore_checkpoint(run, checkpoint, checkpoint_path or "checkpoint")
 
     # Features of frozen backbones are computed after a restore, because a stored frozen backbone's
     # weights define its cache key.
@@ -800,10 +808,33 @@ def save_checkpoint(run: Run, embeddings_path: str, val_loss: float, is_best: bo
     run.directory.save_checkpoint(checkpoint, is_best, keep_last=run.config.checkpoints.keep_last)
 
 
-def restore_checkpoint(run: Run, checkpoint: dict[str, Any]) -> None:
-    run.model.load_checkpoint_state_dict(checkpoint["model_state_dict"])
-    run.objectives.load_state_dict(checkpoint["objectives_state_dict"])
-    run.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+def load_model_state(model: PanelEncoder, checkpoint: dict[str, Any], source: str | Path) -> None:
+    """Load a checkpoint's ``model_state_dict`` into ``model``.
+
+    A state that does not fit the model raises TrainerError naming ``source``.
+    """
+    try:
+        model.load_checkpoint_state_dict(checkpoint["model_state_dict"])
+    except TrainerError as error:
+        raise TrainerError(f"{source}: model_state_dict does not match the model of its config ({error})") from None
+
+
+def restore_checkpoint(run: Run, checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> None:
+    """Restore the model, optimiser, scheduler, sampler, RNG states and counters of ``checkpoint``.
+
+    ``source`` names the checkpoint in error messages.
+    """
+    load_model_state(run.model, checkpoint, source)
+    # Objectives.load_state_dict raises RuntimeError on other keys or shapes, and the optimiser
+    # raises ValueError when its parameter groups differ in number or size.
+    for key, module in (("objectives_state_dict", run.objectives), ("optimizer_state_dict", run.optimizer)):
+        try:
+            module.load_state_dict(checkpoint[key])
+        except (RuntimeError, ValueError) as error:
+            detail = " ".join(str(error).split())
+            raise TrainerError(f"{source}: {key} does not match the model of its config ({detail})") from None
+    # NOTE: the contents of the scheduler, sampler and RNG states are not checked, so a checkpoint with
+    # wrongly typed values there still fails with a traceback here or during training.
     run.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
     if run.sampler is not None and "sampler_state_dict" in checkpoint:
         run.sampler.load_state_dict(checkpoint["sampler_state_dict"])

@@ -165,12 +165,22 @@ class PanelEncoder(nn.Module):
         }
 
     def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load ``checkpoint_state_dict`` output; keys may be missing only under excluded prefixes."""
-        result = self.load_state_dict(state, strict=False)
+        """Load ``checkpoint_state_dict`` output; keys may be missing only under excluded prefixes.
+
+        Raises TrainerError that lists the mismatch (tensor shapes, or missing and unexpected keys)
+        before any weight is changed.
+        """
+        expected = self.state_dict()
+        mismatched = [
+            f"{key} has shape {list(value.shape)}, the model {list(expected[key].shape)}"
+            for key, value in state.items()
+            if key in expected and value.shape != expected[key].shape
+        ]
+        if mismatched:
+            raise TrainerError(f"size mismatch: {'; '.join(mismatched[:5])}")
         prefixes = tuple(self.excluded_state_prefixes())
-        missing = [key for key in result.missing_keys if not (prefixes and key.startswith(prefixes))]
-        if missing or result.unexpected_keys:
-            raise TrainerError(
-                f"checkpoint does not match the model built from its config: missing keys {missing[:5]}, "
-                f"unexpected keys {result.unexpected_keys[:5]}"
-            )
+        missing = [key for key in expected if key not in state and not (prefixes and key.startswith(prefixes))]
+        unexpected = [key for key in state if key not in expected]
+        if missing or unexpected:
+            raise TrainerError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        self.load_state_dict(state, strict=False)
