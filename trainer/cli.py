@@ -54,7 +54,7 @@ def fit(config_path: Path, run_dir: Path, overrides: tuple[str, ...], overwrite:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def resume(run_dir: Path) -> None:
     """Continue RUN_DIR up to its configured number of epochs from checkpoints/last.pt, or from the
-    newest epoch_NNNN.pt that loads when last.pt is missing or damaged.
+    newest epoch_NNNN.pt that loads (then best.pt) when last.pt is missing or damaged.
 
     Optimiser, scheduler, sampler and RNG states come from the checkpoint, and metrics.jsonl records
     written after it are dropped, so the finished run matches an uninterrupted one.
