@@ -240,10 +240,10 @@ def test_stale_temporaries_include_safetensors_own(tmp_path):
     directory.prepare(overwrite=False)
     ours = directory.checkpoints_dir / ".epoch_0002.pt.tmp-4242"
     theirs = directory.embeddings_dir / ".tmpAb12Cd"
-    kept = directory.embeddings_dir / "epoch_0001.safetensors"
-    for path in (ours, theirs, kept):
+    epoch_file = directory.embeddings_dir / "epoch_0001.safetensors"
+    for path in (ours, theirs, epoch_file):
         path.write_bytes(b"partial")
 
     removed = directory.remove_stale_temporaries()
     assert sorted(removed) == sorted([ours, theirs])
-    assert kept.exists()
+    assert epoch_file.exists()

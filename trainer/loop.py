@@ -122,11 +122,7 @@ def fit(
         directory.prepare(overwrite)
         directory.write_run_info(run_info(run))
         directory.open_metrics()
-        try:
-            train(run)
-        finally:
-            directory.close()
-            run.loss_module = None
+        _train_and_close(run, directory)
         finished = True
     finally:
         distributed.shutdown(dist, finished)
@@ -191,15 +187,23 @@ def resume(run_dir: str | Path, console: Console | None = None) -> Run:
         info.setdefault("resumed_from_epoch", []).append(run.epoch)
         directory.write_run_info(info)
         directory.open_metrics(keep_through_epoch=run.epoch, keep_through_step=run.step)
-        try:
-            train(run)
-        finally:
-            directory.close()
-            run.loss_module = None
+        _train_and_close(run, directory)
         finished = True
     finally:
         distributed.shutdown(dist, finished)
     return run
+
+
+def _train_and_close(run: Run, directory: RunDirectory) -> None:
+    """Train ``run`` to its last epoch, then close the metrics log and drop the DDP wrapper, even on error.
+
+    Under torchrun the wrapper references the process group, which ``distributed.shutdown`` destroys next.
+    """
+    try:
+        train(run)
+    finally:
+        directory.close()
+        run.loss_module = None
 
 
 def _newest_loadable_checkpoint(directory: RunDirectory) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
